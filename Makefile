@@ -1,0 +1,46 @@
+# failoverd developer entry points. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+.PHONY: help install demo test test-unit kafka-up kafka-down kafka-status bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install failoverd with its test extra
+
+demo: $(STAMP)  ## run the demo on the local broker (starts it if needed)
+	$(BIN)/failoverd kafka up
+	$(BIN)/failoverd demo
+
+test: $(STAMP)  ## run the whole test suite against the local broker (starts it if needed)
+	$(BIN)/failoverd kafka up
+	$(BIN)/python -m pytest tests
+
+test-unit: $(STAMP)  ## unit tests only (no broker)
+	$(BIN)/python -m pytest tests -m "not integration"
+
+kafka-up: $(STAMP)  ## start the local single-node KRaft broker on 127.0.0.1:9092
+	$(BIN)/failoverd kafka up
+
+kafka-down: $(STAMP)  ## stop the local broker
+	$(BIN)/failoverd kafka down
+
+kafka-status: $(STAMP)  ## is the local broker up, and where
+	$(BIN)/failoverd kafka status
+
+bench: $(STAMP)  ## run the benchmarks (see docs/BENCHMARKS.md)
+	$(BIN)/failoverd kafka up
+	$(BIN)/python bench/throughput.py
+
+clean:  ## remove the venv and local broker data
+	-$(BIN)/failoverd kafka down
+	rm -rf $(VENV) .local

@@ -1,0 +1,70 @@
+"""The exception tree of failoverd.
+
+Every error a user can cause says what was wrong and how to fix it.
+
+    FailoverdError
+    ├── ConfigError            bad configuration: names the file, field, value, expectation
+    ├── BrokerError            the local Kafka broker could not be fetched/started/stopped
+    ├── TopicPlanError         the topics plan is unsafe or the cluster differs from it
+    ├── BundleError            a bundle is malformed, unsafe or does not verify
+    │   └── IntegrityError     a file does not match its manifest digest
+    ├── RegistryError          release log / registry problems (unknown release, nothing to roll back to)
+    └── ReleaseFailure         the running release failed (worker died, timed out, raised)
+        ├── WorkerCrashed
+        └── WorkerTimeout
+
+Errors that may go away on their own carry ``retriable = True`` (as in aiokafka).
+"""
+
+from __future__ import annotations
+
+
+class FailoverdError(Exception):
+    """Base class of every error failoverd raises on purpose."""
+
+    retriable = False
+    exit_code = 1
+
+
+class ConfigError(FailoverdError):
+    """The configuration is invalid. The message names file, field, value and the fix."""
+
+    exit_code = 2
+
+
+class BrokerError(FailoverdError):
+    """The local Kafka broker could not be managed."""
+
+
+class TopicPlanError(FailoverdError):
+    """The topic plan is unsafe, or the cluster does not match it."""
+
+
+class BundleError(FailoverdError):
+    """A bundle is malformed, unsafe or cannot be loaded."""
+
+
+class IntegrityError(BundleError):
+    """A bundle file does not match the digest its manifest records."""
+
+
+class RegistryError(FailoverdError):
+    """The registry or release log cannot do what was asked."""
+
+
+class ReleaseFailure(FailoverdError):
+    """The running model release failed; the failover controller acts on it."""
+
+    def __init__(self, message: str, *, reason: str = "error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class WorkerCrashed(ReleaseFailure):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="worker_crashed")
+
+
+class WorkerTimeout(ReleaseFailure):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="predict_timeout")

@@ -1,0 +1,61 @@
+"""Every Prometheus metric failoverd exports, in one place (catalog: docs/operations.md).
+
+Labels are bounded: topic, partition, reason (a fixed vocabulary), channel, release
+name/version/digest (one value per loaded release). Never per record or per key.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# ---- data path ----------------------------------------------------------------------------
+RECORDS_IN = Counter("failoverd_records_in", "Input records fetched", ["topic", "partition"], registry=REGISTRY)
+RECORDS_OUT = Counter("failoverd_records_out", "Output records committed", ["topic", "partition"], registry=REGISTRY)
+RECORDS_DEAD_LETTERED = Counter(
+    "failoverd_records_dead_lettered", "Input records sent to the dead-letter topic",
+    ["topic", "partition", "reason"], registry=REGISTRY)
+BATCH_SECONDS = Histogram("failoverd_batch_seconds", "Time to process one fetched batch end to end",
+                          buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+PREDICT_SECONDS = Histogram("failoverd_predict_seconds", "Model predict call latency per batch",
+                            ["channel"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+CONSUMER_LAG = Gauge("failoverd_consumer_lag", "Records between the committed position and the log end",
+                     ["topic", "partition"], registry=REGISTRY)
+
+# ---- checkpoints --------------------------------------------------------------------------
+CHECKPOINT_SECONDS = Histogram("failoverd_checkpoint_seconds", "Time to commit one checkpoint transaction",
+                               buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+CHECKPOINTS = Counter("failoverd_checkpoints", "Checkpoint transactions committed", registry=REGISTRY)
+CHECKPOINT_ABORTS = Counter("failoverd_checkpoint_aborts", "Checkpoint transactions aborted", ["reason"],
+                            registry=REGISTRY)
+LAST_CHECKPOINT_TIMESTAMP = Gauge("failoverd_last_checkpoint_timestamp_seconds",
+                                  "Unix time of the last committed checkpoint", registry=REGISTRY)
+
+# ---- state --------------------------------------------------------------------------------
+STATE_RESTORE_REMAINING = Gauge("failoverd_state_restore_remaining", "Changelog records left to restore",
+                                ["topic", "partition"], registry=REGISTRY)
+STATE_RESTORED = Counter("failoverd_state_restored", "Changelog records applied during restore",
+                         registry=REGISTRY)
+
+# ---- releases and failover ----------------------------------------------------------------
+RELEASE_INFO = Gauge("failoverd_release_info", "1 for the release loaded on each channel",
+                     ["channel", "name", "version", "digest"], registry=REGISTRY)
+FAILOVERS = Counter("failoverd_failovers", "Failovers performed", ["reason"], registry=REGISTRY)
+FAILOVER_SECONDS = Histogram("failoverd_failover_seconds", "From failure detection to resumed processing",
+                             buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+RECORDS_REPLAYED = Counter("failoverd_records_replayed", "Input records reprocessed after a failure",
+                           registry=REGISTRY)
+STANDBY_READY = Gauge("failoverd_standby_ready", "1 when a healthy standby release is loaded", registry=REGISTRY)
+FAILOVER_CAP_REACHED = Gauge("failoverd_failover_cap_reached",
+                             "1 while consumption is paused because failovers hit their cap or no standby exists",
+                             registry=REGISTRY)
+STANDBY_AGREEMENT = Gauge("failoverd_standby_agreement_ratio",
+                          "Share of records on which the hot standby's output equals the active one's",
+                          registry=REGISTRY)
+MODEL_ERRORS = Counter("failoverd_model_errors", "Model failures by kind", ["channel", "reason"],
+                       registry=REGISTRY)
+READY = Gauge("failoverd_ready", "1 when partitions are assigned, state restored and a release loaded",
+              registry=REGISTRY)

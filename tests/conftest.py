@@ -1,0 +1,51 @@
+"""Shared fixtures.
+
+Integration tests (marked ``integration``) use a real single-node Kafka broker, started once
+per session through ``failoverd kafka up`` (reused when already up). Unit tests of pure
+logic request no broker and run without one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import kafkatools
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """Bootstrap address of the local broker; starts it through the same command users run."""
+    port = os.environ.get("FAILOVERD_TEST_KAFKA_PORT", "9092")
+    proc = subprocess.run([sys.executable, "-m", "daemon", "kafka", "up", "--port", port],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"local Kafka broker did not start:\n{proc.stdout}\n{proc.stderr}")
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def unique_name(request):
+    """A factory of topic/group names unique to this test."""
+    base = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:40]
+
+    def make(prefix: str = "") -> str:
+        return kafkatools.unique(f"{prefix}{base}")
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = str(item.fspath)
+        if f"{os.sep}integration{os.sep}" in path:
+            item.add_marker(pytest.mark.integration)
+        if f"{os.sep}chaos{os.sep}" in path:
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.chaos)

@@ -1,0 +1,101 @@
+"""Helpers for tests against the real local broker: create topics, produce, read back committed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def create_topics(bootstrap: str, topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([
+            NewTopic(name, n, 1, topic_configs=(configs or {}).get(name, {})) for name, n in topics.items()
+        ])
+    finally:
+        await admin.close()
+
+
+async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]] | Iterable,
+                  partition: int | None = None, headers=None) -> int:
+    """Produce (key, value) pairs; returns how many were acknowledged."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    n = 0
+    try:
+        futures = []
+        for key, value in records:
+            futures.append(await producer.send(topic, value, key=key, partition=partition, headers=headers))
+            n += 1
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return n
+
+
+async def read_committed(bootstrap: str, topic: str, *, expect: int | None = None, timeout: float = 30.0,
+                         idle: float = 1.5) -> list:
+    """Read every committed record of ``topic`` from the start with ``isolation_level=read_committed``.
+
+    With ``expect``, returns once that many were read (or raises on the deadline); without it,
+    returns after ``idle`` seconds without a new record and the end offsets reached.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                isolation_level="read_committed", auto_offset_reset="earliest")
+    await consumer.start()
+    out = []
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        deadline = time.monotonic() + 10
+        while not parts and time.monotonic() < deadline:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                await asyncio.sleep(0.1)
+        if not parts:
+            raise AssertionError(f"topic {topic} has no partitions")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                out.extend(recs)
+                last_new = time.monotonic()
+            if expect is not None and len(out) >= expect:
+                return out
+            if expect is None and time.monotonic() - last_new > idle:
+                end = await consumer.end_offsets(tps)
+                if all(await consumer.position(tp) >= end[tp] for tp in tps):
+                    return out
+        if expect is not None:
+            raise AssertionError(f"read {len(out)} of {expect} expected records from {topic} in {timeout}s")
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    """Poll ``predicate`` (sync or async) until truthy; raise AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
