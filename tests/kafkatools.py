@@ -78,7 +78,8 @@ async def read_committed(bootstrap: str, topic: str, *, expect: int | None = Non
                 return out
             if expect is None and time.monotonic() - last_new > idle:
                 end = await consumer.end_offsets(tps)
-                if all(await consumer.position(tp) >= end[tp] for tp in tps):
+                positions = [await consumer.position(tp) for tp in tps]
+                if all(pos >= end[tp] for pos, tp in zip(positions, tps)):
                     return out
         if expect is not None:
             raise AssertionError(f"read {len(out)} of {expect} expected records from {topic} in {timeout}s")

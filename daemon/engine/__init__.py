@@ -1,0 +1,1 @@
+"""The streaming engine: fetch, decode/validate, predict, encode, produce, checkpoint."""

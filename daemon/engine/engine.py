@@ -1,0 +1,616 @@
+"""The data path: fetch ─ decode/validate ─ predict ─ encode ─ produce, checkpointed exactly once.
+
+One asyncio task runs the loop; the rebalance listener and the failure handler take the same
+lock, so a batch, a checkpoint, a handover and a failover never interleave. Model code runs in
+the worker (subprocess or executor thread), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from daemon import metrics as m
+from daemon.engine import headers as H
+from daemon.engine.batch import DLQ, NO_STATE, OK
+from daemon.engine.checkpoint import CheckpointPolicy, record_key, record_value
+from daemon.engine.partition import Partition, store_path, transactional_id
+from daemon.engine.release import LoadedRelease
+from daemon.engine.state import StateStore, changelog_key
+from daemon.errors import ReleaseFailure
+
+log = logging.getLogger("failoverd.engine")
+
+FailureHandler = Callable[["Engine", ReleaseFailure], Awaitable[bool]]
+BatchObserver = Callable[["Engine", dict], None]
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        await self.engine._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self.engine._on_assigned(set(assigned))
+
+
+class Engine:
+    def __init__(self, settings, *, active: LoadedRelease, standby: LoadedRelease | None = None,
+                 instance_id: str | None = None, on_failure: FailureHandler | None = None,
+                 observers: list[BatchObserver] | None = None) -> None:
+        self.s = settings
+        self.active = active
+        self.standby = standby
+        self.instance_id = instance_id or settings.kafka.group_instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.on_failure = on_failure
+        self.observers = observers or []
+        self.after_checkpoint: list[Callable[["Engine"], None]] = []
+        self.pending_failure: ReleaseFailure | None = None
+        self.shadow = settings.failover.standby_mode == "hot"
+        self.agreement = [0, 0]  # [equal, compared] outputs of the hot standby vs the active
+        self.eos = bool(settings.checkpoint.exactly_once)
+        self.group = settings.kafka.group_id
+        self.partitions: dict[TopicPartition, Partition] = {}
+        self.policy = CheckpointPolicy(settings.checkpoint.interval_ms, settings.checkpoint.interval_records)
+        self.lock = asyncio.Lock()
+        self.stopping = asyncio.Event()
+        self.paused = False
+        self.pause_reason = ""
+        self.failure: ReleaseFailure | None = None
+        self.assigned_once = asyncio.Event()
+        self.restoring: dict[TopicPartition, int] = {}
+        self.last_checkpoint: float | None = None
+        self.replayed_total = 0
+        self.consumer: AIOKafkaConsumer | None = None
+        self.restorer: AIOKafkaConsumer | None = None
+        self.shared_producer: AIOKafkaProducer | None = None
+        self._common = settings.kafka.client_kwargs()
+        self._out_topic = settings.output.topic
+        self._dlq_topic = settings.dead_letter.topic
+        self._max_value = settings.dead_letter.max_value_bytes
+        self._changelog = settings.state.changelog_topic
+        self._ckpt_topic = settings.checkpoint.topic
+        self._state_dir = Path(settings.state.directory)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        k = self.s.kafka
+        self.restorer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, isolation_level="read_committed",
+                                         auto_offset_reset="earliest", **self._common)
+        await self.restorer.start()
+        if not self.eos:
+            self.shared_producer = AIOKafkaProducer(enable_idempotence=True, acks="all", linger_ms=10,
+                                                    max_batch_size=512 * 1024, **self._common)
+            await self.shared_producer.start()
+        self.consumer = AIOKafkaConsumer(
+            group_id=self.group, group_instance_id=k.group_instance_id, enable_auto_commit=False,
+            isolation_level="read_committed", auto_offset_reset="earliest",
+            session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=50, **self._common)
+        self.consumer.subscribe(list(self.s.inputs.topics), listener=_Listener(self))
+        await self.consumer.start()
+        self._publish_release_info()
+
+    def _publish_release_info(self) -> None:
+        m.RELEASE_INFO.clear()
+        for rel in (self.active, self.standby):
+            if rel is not None:
+                m.RELEASE_INFO.labels(rel.channel, rel.name, rel.version, rel.digest).set(1)
+        m.STANDBY_READY.set(1 if self.standby is not None and not getattr(self.standby.worker, "dead", False) else 0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        """Process until :meth:`stop`; then checkpoint (or abort) and close everything."""
+        try:
+            while not self.stopping.is_set():
+                if self.paused or not self.partitions:
+                    wait = 0.2
+                else:
+                    wait = self.policy.time_left() if self.policy.records else 0.5
+                data = await self.consumer.getmany(timeout_ms=max(1, int(wait * 1000)),
+                                                   max_records=self.s.worker.max_batch_records)
+                async with self.lock:
+                    if self.stopping.is_set():
+                        break
+                    if self.pending_failure is not None and not self.paused:
+                        exc, self.pending_failure = self.pending_failure, None
+                        await self._release_failed(exc)
+                        continue
+                    if data and not self.paused:
+                        await self._handle(data)
+                    if self.policy.due():
+                        await self.checkpoint()
+                    self._update_lag()
+        finally:
+            await self.close()
+
+    async def close(self, deadline: float = 20.0) -> None:
+        """Final checkpoint unless a release failed (then abort), then close clients and workers."""
+        async with self.lock:
+            try:
+                if self.failure is None and not self.paused:
+                    await asyncio.wait_for(self.checkpoint(), deadline / 2)
+            except Exception as exc:  # noqa: BLE001 - shutdown goes on; nothing uncommitted is visible
+                log.warning("final checkpoint failed; aborting", extra={"error": repr(exc)})
+            for p in list(self.partitions.values()):
+                await self._close_partition(p)
+            self.partitions.clear()
+        for client in (self.consumer, self.restorer, self.shared_producer):
+            if client is not None:
+                try:
+                    await asyncio.wait_for(client.stop(), deadline / 4)
+                except Exception:  # noqa: BLE001
+                    pass
+        for rel in (self.active, self.standby):
+            if rel is not None:
+                await rel.worker.close()
+        m.READY.set(0)
+
+    # ---- status -------------------------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        if self.paused:
+            return False, f"paused: {self.pause_reason}"
+        if self.failure is not None:
+            return False, f"release failed: {self.failure}"
+        if not self.partitions:
+            return False, "no partitions assigned"
+        if self.restoring:
+            return False, f"restoring state of {len(self.restoring)} partition(s)"
+        return True, "ok"
+
+    def status(self) -> dict:
+        parts = []
+        for tp, p in sorted(self.partitions.items()):
+            hw = self.consumer.highwater(tp) if self.consumer else None
+            parts.append({"topic": tp.topic, "partition": tp.partition, "committed": p.committed,
+                          "position": p.position, "lag": (hw - p.committed) if hw is not None else None,
+                          "last_checkpoint": p.last_checkpoint_time or None})
+        return {
+            "instance": self.instance_id,
+            "active": self.active.describe() if self.active else None,
+            "standby": self.standby.describe() if self.standby else None,
+            "paused": self.paused, "pause_reason": self.pause_reason,
+            "partitions": parts, "last_checkpoint": self.last_checkpoint,
+            "exactly_once": self.eos, "replayed_total": self.replayed_total,
+        }
+
+    def _update_lag(self) -> None:
+        for tp, p in self.partitions.items():
+            hw = self.consumer.highwater(tp)
+            if hw is not None:
+                m.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, hw - p.committed))
+
+    # ---- partitions: assignment, restore, revocation --------------------------------------------
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.lock:
+            if any(tp in self.partitions for tp in revoked):
+                try:
+                    await self.checkpoint()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("checkpoint before handover failed", extra={"error": repr(exc)})
+            m.READY.set(0)
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self.lock:
+            for tp in [tp for tp in self.partitions if tp not in assigned]:
+                await self._close_partition(self.partitions.pop(tp))
+            keep, new = [], []
+            for tp in assigned:
+                p = self.partitions.get(tp)
+                if p is not None:
+                    broker = await self.consumer.committed(tp)
+                    if broker is not None and broker == p.committed and p.producer is not None:
+                        keep.append(p)
+                        continue
+                    await self._close_partition(self.partitions.pop(tp))
+                new.append(tp)
+            for p in keep:
+                self._rewind(p, count=False)
+            opened = await asyncio.gather(*(self._open_partition(tp) for tp in sorted(new)))
+            for p in opened:
+                self.partitions[p.tp] = p
+            log.info("partitions assigned", extra={"assigned": sorted(f"{t.topic}:{t.partition}" for t in assigned),
+                                                   "kept": len(keep), "opened": len(new)})
+            self.policy.reset()
+            self.assigned_once.set()
+            m.READY.set(1 if self.ready()[0] else 0)
+
+    async def _new_producer(self, tp: TopicPartition) -> AIOKafkaProducer | None:
+        if not self.eos:
+            return None
+        producer = AIOKafkaProducer(
+            transactional_id=transactional_id(self.s.app.name, tp.topic, tp.partition),
+            enable_idempotence=True, acks="all", linger_ms=10, max_batch_size=512 * 1024,
+            transaction_timeout_ms=60000, **self._common)
+        await producer.start()  # InitProducerId: fences every earlier owner, aborts its open transaction
+        return producer
+
+    async def _open_partition(self, tp: TopicPartition) -> Partition:
+        self.restoring[tp] = -1
+        producer = await self._new_producer(tp)
+        store = StateStore(store_path(self._state_dir, tp))
+        try:
+            await self._restore(tp, store)
+            committed = await self.consumer.committed(tp)
+            if committed is None:
+                committed = (await self.consumer.beginning_offsets([tp]))[tp]
+            self.consumer.seek(tp, committed)
+        except BaseException:
+            if producer is not None:
+                await producer.stop()
+            store.close()
+            raise
+        finally:
+            self.restoring.pop(tp, None)
+        return Partition(tp=tp, store=store, producer=producer, committed=committed)
+
+    async def _restore(self, tp: TopicPartition, store: StateStore) -> None:
+        """Apply the committed changelog past the store's position (read_committed stops at the
+        last committed checkpoint: uncommitted or aborted writes are never applied)."""
+        ctp = TopicPartition(self._changelog, tp.partition)
+        start = store.position()
+        end = (await self.restorer.end_offsets([ctp]))[ctp]
+        labels = (tp.topic, str(tp.partition))
+        if start >= end:
+            m.STATE_RESTORE_REMAINING.labels(*labels).set(0)
+            return
+        self.restorer.assign([ctp])
+        self.restorer.seek(ctp, start)
+        t0, applied, pos = time.monotonic(), 0, start
+        log.info("restoring state", extra={"partition": f"{tp.topic}:{tp.partition}", "from": start, "to": end})
+        while pos < end:
+            batch = await self.restorer.getmany(ctp, timeout_ms=1000, max_records=10000)
+            recs = batch.get(ctp, [])
+            new_pos = await self.restorer.position(ctp)
+            if recs or new_pos != pos:
+                applied += store.apply_changelog(tp.topic, [(r.key, r.value) for r in recs], min(new_pos, end))
+                pos = new_pos
+            remaining = max(0, end - pos)
+            self.restoring[tp] = remaining
+            m.STATE_RESTORE_REMAINING.labels(*labels).set(remaining)
+        m.STATE_RESTORED.inc(applied)
+        log.info("state restored", extra={"partition": f"{tp.topic}:{tp.partition}", "records": applied,
+                                          "seconds": round(time.monotonic() - t0, 3)})
+
+    async def _close_partition(self, p: Partition) -> None:
+        if p.in_txn and p.producer is not None:
+            try:
+                await asyncio.wait_for(p.producer.abort_transaction(), 5)
+            except Exception:  # noqa: BLE001
+                pass
+            p.in_txn = False
+        if p.producer is not None:
+            try:
+                await asyncio.wait_for(p.producer.stop(), 5)
+            except Exception:  # noqa: BLE001
+                pass
+        p.store.close()
+
+    # ---- the batch ----------------------------------------------------------------------------
+    async def _handle(self, data: dict) -> None:
+        while True:
+            try:
+                await self._process(data)
+                return
+            except ReleaseFailure as exc:
+                retry = await self._release_failed(exc)
+                if not retry:
+                    return
+                data = {}  # partitions were rewound to the checkpoint; the next fetch replays
+
+    async def _process(self, data: dict) -> None:
+        t0 = time.monotonic()
+        rel = self.active
+        ns = rel.ns
+        rel_headers = rel.headers
+        items: list[tuple] = []
+        refs: list[tuple[Partition, object]] = []
+        direct: list[tuple[Partition, object, str, str]] = []
+        skey_owner: list[tuple[Partition, bytes]] = []
+        states: list[bytes | None] = []
+        for tp, records in data.items():
+            p = self.partitions.get(tp)
+            if p is None:
+                continue
+            keys: dict[bytes, int] = {}
+            n = 0
+            for r in records:
+                if r.offset < p.position:
+                    continue  # already processed (a seek raced with a prefetched batch)
+                n += 1
+                value = r.value
+                if value is None or len(value) > self._max_value:
+                    direct.append((p, r, "oversized" if value is not None else "bad_json",
+                                   f"{len(value)} bytes > {self._max_value}" if value is not None else "null value"))
+                    continue
+                key = r.key
+                if key is None:
+                    sk = NO_STATE
+                else:
+                    sk = keys.get(key)
+                    if sk is None:
+                        sk = keys[key] = len(skey_owner)
+                        skey_owner.append((p, key))
+                items.append((key, value, sk))
+                refs.append((p, r))
+            if n:
+                m.RECORDS_IN.labels(tp.topic, p.partition_b.decode()).inc(n)
+                p.position = max(p.position, records[-1].offset + 1)
+                p.highest = max(p.highest, p.position)
+                p.uncommitted += n
+                self.policy.add(n)
+            if keys:
+                got = p.store.get_many(ns, list(keys))
+                states.extend(got[k] for k in keys)  # dict order = skey order
+
+        results: list[tuple] = []
+        if items:
+            tp0 = time.monotonic()
+            if self.shadow and self.standby is not None and not getattr(self.standby.worker, "dead", False):
+                results, new_states = await self._predict_with_shadow(items, states, skey_owner)
+            else:
+                results, new_states = await rel.worker.process(items, states)
+            predict_s = time.monotonic() - tp0
+            m.PREDICT_SECONDS.labels(rel.channel).observe(predict_s)
+            for sk, st in new_states.items():
+                p, key = skey_owner[sk]
+                p.store.put(ns, key, st)
+        else:
+            predict_s = 0.0
+
+        out, dlq_topic = self._out_topic, self._dlq_topic
+        counts_out: dict[Partition, int] = {}
+        reasons: dict[tuple[Partition, str], int] = {}
+        for (p, r), res in zip(refs, results):
+            producer = await self._producer(p)
+            src = H.source_headers(p.topic_b, p.partition_b, r.offset)
+            if res[0] == OK:
+                await producer.send(out, res[1], key=r.key, headers=rel_headers + src)
+                counts_out[p] = counts_out.get(p, 0) + 1
+            else:
+                await self._send_dlq(producer, p, r, res[1], res[2], rel_headers + src)
+                reasons[(p, res[1])] = reasons.get((p, res[1]), 0) + 1
+        for p, r, reason, detail in direct:
+            producer = await self._producer(p)
+            src = H.source_headers(p.topic_b, p.partition_b, r.offset)
+            await self._send_dlq(producer, p, r, reason, detail, rel_headers + src)
+            reasons[(p, reason)] = reasons.get((p, reason), 0) + 1
+        for p, n in counts_out.items():
+            m.RECORDS_OUT.labels(p.tp.topic, p.partition_b.decode()).inc(n)
+        for (p, reason), n in reasons.items():
+            m.RECORDS_DEAD_LETTERED.labels(p.tp.topic, p.partition_b.decode(), reason).inc(n)
+        m.BATCH_SECONDS.observe(time.monotonic() - t0)
+        if self.observers:
+            summary = {"records": len(refs) + len(direct), "predict_seconds": predict_s,
+                       "results": results, "release": rel}
+            for observe in self.observers:
+                observe(self, summary)
+        if self.pending_failure is not None:
+            exc, self.pending_failure = self.pending_failure, None
+            raise exc  # a rate signal fired: this batch's outputs are aborted with the interval
+
+    async def _predict_with_shadow(self, items, states, skey_owner):
+        """Hot standby: run the standby on the same batch (its own state namespace), compare outputs,
+        keep its state current; only the active's outputs are written."""
+        sb = self.standby
+        ns_s = sb.ns
+        by_part: dict[int, tuple[Partition, list[bytes]]] = {}
+        for p, key in skey_owner:
+            by_part.setdefault(id(p), (p, []))[1].append(key)
+        lookup: dict[tuple[int, bytes], bytes | None] = {}
+        for pid, (p, keys) in by_part.items():
+            for k, v in p.store.get_many(ns_s, keys).items():
+                lookup[(pid, k)] = v
+        states_s = [lookup[(id(p), key)] for p, key in skey_owner]
+        active_res, standby_res = await asyncio.gather(
+            self.active.worker.process(items, states), sb.worker.process(items, states_s), return_exceptions=True)
+        if isinstance(active_res, BaseException):
+            raise active_res
+        if isinstance(standby_res, BaseException):
+            log.warning("hot standby failed in shadow; it is no longer ready", extra={"error": str(standby_res)})
+            sb.worker.dead = True
+            m.STANDBY_READY.set(0)
+            return active_res
+        equal = compared = 0
+        for ra, rb in zip(active_res[0], standby_res[0]):
+            if ra[0] == OK and rb[0] == OK:
+                compared += 1
+                equal += _same_output(ra[1], rb[1])
+        self.agreement[0] += equal
+        self.agreement[1] += compared
+        if self.agreement[1]:
+            m.STANDBY_AGREEMENT.set(self.agreement[0] / self.agreement[1])
+        for sk, st in standby_res[1].items():
+            p, key = skey_owner[sk]
+            p.store.put(ns_s, key, st)
+        return active_res
+
+    async def _send_dlq(self, producer, p: Partition, r, reason: str, detail: str, extra) -> None:
+        hdrs = list(r.headers or ()) + [(H.H_DLQ_REASON, reason.encode()),
+                                        (H.H_DLQ_DETAIL, detail.encode("utf-8", "replace")[:1000])] + extra
+        value = r.value
+        if value is not None and len(value) > self._max_value:
+            value = value[: self._max_value]
+            hdrs.append(("fd.dlq.truncated", b"1"))
+        await producer.send(self._dlq_topic, value, key=r.key, headers=hdrs)
+
+    async def _producer(self, p: Partition) -> AIOKafkaProducer:
+        if not self.eos:
+            return self.shared_producer
+        if not p.in_txn:
+            await p.producer.begin_transaction()
+            p.in_txn = True
+        return p.producer
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    async def checkpoint(self) -> None:
+        parts = [p for p in self.partitions.values() if p.uncommitted or p.in_txn or p.store.pending]
+        if not parts:
+            self.policy.reset()
+            return
+        t0 = time.monotonic()
+        if self.eos:
+            results = await asyncio.gather(*(self._commit_eos(p) for p in parts), return_exceptions=True)
+        else:
+            results = await self._commit_alo(parts)
+        now = time.time()
+        for p, res in zip(parts, results):
+            if isinstance(res, BaseException):
+                if isinstance(res, asyncio.CancelledError):
+                    raise res
+                await self._commit_failed(p, res)
+            else:
+                p.last_checkpoint_time = now
+        self.policy.reset()
+        if not any(isinstance(r, BaseException) for r in results):
+            self.last_checkpoint = now
+            m.CHECKPOINTS.inc()
+            m.LAST_CHECKPOINT_TIMESTAMP.set(now)
+            m.CHECKPOINT_SECONDS.observe(time.monotonic() - t0)
+            for hook in self.after_checkpoint:
+                hook(self)
+
+    def _changelog_sends(self, producer, p: Partition):
+        ck = str(p.position).encode()
+        hdr = [(H.H_CHECKPOINT, ck)]
+        topic, part, tname = self._changelog, p.tp.partition, p.tp.topic
+        return [producer.send(topic, v, key=changelog_key(tname, ns, key), partition=part, headers=hdr)
+                for (ns, key), v in p.store.pending.items()]
+
+    async def _commit_eos(self, p: Partition) -> None:
+        producer = await self._producer(p)
+        futures = [await c for c in self._changelog_sends(producer, p)]
+        changelog_pos = None
+        if futures:
+            changelog_pos = (await futures[-1]).offset + 1
+        await producer.send(self._ckpt_topic, record_value(
+            group=self.group, topic=p.tp.topic, partition=p.tp.partition, offset=p.position,
+            changelog_offset=changelog_pos, release=self.active.info, instance=self.instance_id,
+            records=p.uncommitted), key=record_key(self.group, p.tp.topic, p.tp.partition))
+        await producer.send_offsets_to_transaction({p.tp: p.position}, self.group)
+        await producer.commit_transaction()
+        p.in_txn = False
+        p.store.commit(changelog_pos)
+        p.committed = p.position
+        p.uncommitted = 0
+
+    async def _commit_alo(self, parts: list[Partition]) -> list:
+        producer = self.shared_producer
+        results: list = []
+        try:
+            last = {}
+            for p in parts:
+                futs = [await c for c in self._changelog_sends(producer, p)]
+                if futs:
+                    last[p] = futs[-1]
+            await producer.flush()
+            offsets = {p.tp: p.position for p in parts}
+            await self.consumer.commit(offsets)
+            for p in parts:
+                pos = (await last[p]).offset + 1 if p in last else None
+                p.store.commit(pos)
+                p.committed = p.position
+                p.uncommitted = 0
+                results.append(None)
+        except Exception as exc:  # noqa: BLE001
+            results = [exc] * len(parts)
+        return results
+
+    async def _commit_failed(self, p: Partition, exc: BaseException) -> None:
+        if isinstance(exc, ProducerFenced):
+            log.error("fenced: another instance owns this partition now; dropping it",
+                      extra={"partition": f"{p.tp.topic}:{p.tp.partition}"})
+            m.CHECKPOINT_ABORTS.labels("fenced").inc()
+            self.consumer.pause(p.tp)
+            p.in_txn = False
+            p.store.discard_pending()
+            self.partitions.pop(p.tp, None)
+            try:
+                await p.producer.stop()
+            except Exception:  # noqa: BLE001
+                pass
+            p.store.close()
+            return
+        log.warning("checkpoint failed; rewinding to the last checkpoint",
+                    extra={"partition": f"{p.tp.topic}:{p.tp.partition}", "error": repr(exc)})
+        m.CHECKPOINT_ABORTS.labels("error").inc()
+        await self._abort(p)
+        self._rewind(p)
+
+    async def _abort(self, p: Partition) -> None:
+        if not p.in_txn or p.producer is None:
+            return
+        try:
+            await asyncio.wait_for(p.producer.abort_transaction(), 10)
+            p.in_txn = False
+            return
+        except Exception as exc:  # noqa: BLE001 - a producer that cannot abort is replaced
+            log.warning("abort failed; replacing the producer", extra={"error": repr(exc)})
+        try:
+            await p.producer.stop()
+        except Exception:  # noqa: BLE001
+            pass
+        p.in_txn = False
+        p.producer = await self._new_producer(p.tp)  # re-init aborts the open transaction
+
+    def _rewind(self, p: Partition, count: bool = True) -> int:
+        """Forget everything since the last checkpoint and seek back to it."""
+        p.store.discard_pending()
+        replay = max(0, p.highest - p.committed) if count else 0
+        p.position = p.committed
+        p.uncommitted = 0
+        self.consumer.seek(p.tp, p.committed)
+        if replay:
+            self.replayed_total += replay
+            m.RECORDS_REPLAYED.inc(replay)
+        return replay
+
+    async def rewind_all(self) -> int:
+        """Abort every open transaction and seek every partition to its last checkpoint."""
+        replay = 0
+        for p in list(self.partitions.values()):
+            await self._abort(p)
+            replay += self._rewind(p)
+        self.policy.reset()
+        return replay
+
+    # ---- failures -------------------------------------------------------------------------------
+    async def _release_failed(self, exc: ReleaseFailure) -> bool:
+        """Abort the open interval; let the failure handler decide. True = process again."""
+        m.MODEL_ERRORS.labels(self.active.channel, exc.reason).inc()
+        log.error("release failed", extra={"release": self.active.ref, "reason": exc.reason, "error": str(exc)})
+        await self.rewind_all()
+        if self.on_failure is not None and await self.on_failure(self, exc):
+            return False  # the handler switched or paused; the next fetch replays from the checkpoint
+        self.failure = exc
+        self.stopping.set()
+        return False
+
+
+_IGNORED_IN_AGREEMENT = ("model_version",)
+
+
+def _same_output(a: bytes, b: bytes) -> int:
+    """1 when two outputs agree, ignoring fields that only name the model version."""
+    if a == b:
+        return 1
+    import orjson
+
+    da, db = orjson.loads(a), orjson.loads(b)
+    if isinstance(da, dict) and isinstance(db, dict):
+        for k in _IGNORED_IN_AGREEMENT:
+            da.pop(k, None)
+            db.pop(k, None)
+    return 1 if da == db else 0

@@ -1,0 +1,55 @@
+"""A loaded model release: its worker plus what every output says about it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from daemon.engine.headers import release_headers
+from daemon.engine.worker import make_worker
+
+
+@dataclasses.dataclass
+class LoadedRelease:
+    worker: object
+    info: dict
+    bundle_path: Path
+    channel: str
+
+    @property
+    def name(self) -> str:
+        return self.info["name"]
+
+    @property
+    def version(self) -> str:
+        return self.info["version"]
+
+    @property
+    def digest(self) -> str:
+        return self.info["digest"]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def ns(self) -> str:
+        """State namespace: release name and state-schema version."""
+        return f"{self.name}/s{self.info.get('state_schema_version', 1)}"
+
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        return release_headers(self.info)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "digest": self.digest,
+                "state_schema_version": self.info.get("state_schema_version"), "channel": self.channel,
+                "pid": getattr(self.worker, "pid", None)}
+
+
+async def load_release(bundle_path: Path, *, channel: str, mode: str, unpack_dir: Path | None,
+                       predict_timeout: float, start_timeout: float) -> LoadedRelease:
+    worker = make_worker(mode, bundle_path, unpack_dir, predict_timeout=predict_timeout,
+                         start_timeout=start_timeout, label=channel)
+    info = await worker.start()
+    return LoadedRelease(worker=worker, info=info, bundle_path=Path(bundle_path), channel=channel)

@@ -1,0 +1,213 @@
+"""Model workers as seen from the event loop.
+
+``SubprocessWorker`` (default) runs the model in a child process that receives whole
+batches over a pipe; a child that exits, crashes or does not answer within the predict
+timeout is killed and reported as :class:`~daemon.errors.WorkerCrashed` or
+:class:`~daemon.errors.WorkerTimeout`. ``InProcessWorker`` runs trusted models in a
+thread of this process. Neither runs model code on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from daemon.engine import framing
+from daemon.errors import BundleError, ReleaseFailure, WorkerCrashed, WorkerTimeout
+
+log = logging.getLogger("failoverd.worker")
+
+
+class BatchFailed(ReleaseFailure):
+    """``predict`` raised for a whole batch."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="exception")
+
+
+class SubprocessWorker:
+    def __init__(self, bundle_path: Path, unpack_dir: Path | None, *, predict_timeout: float,
+                 start_timeout: float, label: str = "model") -> None:
+        self.bundle_path = Path(bundle_path)
+        self.unpack_dir = unpack_dir
+        self.predict_timeout = predict_timeout
+        self.start_timeout = start_timeout
+        self.label = label
+        self.info: dict = {}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self.dead = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def start(self) -> dict:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon.engine.worker_main", str(self.bundle_path), str(self.unpack_dir or ""),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+            limit=1 << 24)
+        try:
+            reply = await asyncio.wait_for(framing.read_async(self._proc.stdout), self.start_timeout)
+        except asyncio.TimeoutError:
+            self.kill()
+            raise BundleError(f"{self.label}: worker for {self.bundle_path} did not load within {self.start_timeout:.0f}s")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            code = await self._proc.wait()
+            raise BundleError(f"{self.label}: worker for {self.bundle_path} exited with code {code} while loading")
+        if reply[0] != "ready":
+            await self._reap()
+            raise BundleError(f"{self.label}: bundle {self.bundle_path} failed to load: {reply[2]}")
+        self.info = reply[1]
+        log.info("worker ready", extra={"release": f"{self.info['name']}@{self.info['version']}",
+                                        "pid": self._proc.pid, "channel": self.label})
+        return self.info
+
+    async def _call(self, request, timeout: float):
+        if self.dead or self._proc is None:
+            raise WorkerCrashed(f"{self.label} worker is not running")
+        async with self._lock:
+            try:
+                self._proc.stdin.write(framing.encode(request))
+                await self._proc.stdin.drain()
+                return await asyncio.wait_for(framing.read_async(self._proc.stdout), timeout)
+            except asyncio.TimeoutError:
+                self.dead = True
+                self.kill()
+                raise WorkerTimeout(f"{self.label} worker (pid {self.pid}) did not answer within {timeout:.3f}s; killed")
+            except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError) as exc:
+                self.dead = True
+                code = await self._reap()
+                raise WorkerCrashed(f"{self.label} worker (pid {self.pid}) died (exit code {code}): "
+                                    f"{type(exc).__name__}") from None
+
+    async def process(self, items, states):
+        reply = await self._call(("batch", items, states), self.predict_timeout)
+        if reply[0] == "result":
+            return reply[1], reply[2]
+        raise BatchFailed(f"{self.label} predict failed: {reply[2]}")
+
+    async def health(self) -> bool:
+        try:
+            reply = await self._call(("health",), self.predict_timeout)
+        except ReleaseFailure:
+            return False
+        return reply[0] == "health" and bool(reply[1])
+
+    def kill(self) -> None:
+        if self._proc and self._proc.returncode is None:
+            try:
+                self._proc.kill()
+            except ProcessLookupError:
+                pass
+
+    async def _reap(self) -> int | None:
+        if self._proc is None:
+            return None
+        try:
+            return await asyncio.wait_for(self._proc.wait(), 5)
+        except asyncio.TimeoutError:
+            self.kill()
+            return await self._proc.wait()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        if not self.dead:
+            try:
+                self._proc.stdin.write(framing.encode(("close",)))
+                await self._proc.stdin.drain()
+                self._proc.stdin.close()
+                await asyncio.wait_for(self._proc.wait(), timeout)
+                return
+            except (asyncio.TimeoutError, ConnectionError, BrokenPipeError):
+                pass
+        self.kill()
+        await self._reap()
+
+
+class InProcessWorker:
+    """Runs a trusted model in a dedicated thread of the daemon process."""
+
+    def __init__(self, bundle_path: Path, unpack_dir: Path | None, *, predict_timeout: float,
+                 start_timeout: float, label: str = "model") -> None:
+        self.bundle_path = Path(bundle_path)
+        self.unpack_dir = unpack_dir
+        self.predict_timeout = predict_timeout
+        self.start_timeout = start_timeout
+        self.label = label
+        self.info: dict = {}
+        self.dead = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"model-{label}")
+        self._processor = None
+
+    pid = None
+
+    async def start(self) -> dict:
+        from daemon.engine.loading import load_processor
+
+        loop = asyncio.get_running_loop()
+        try:
+            self._processor, self.info = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, load_processor, self.bundle_path, self.unpack_dir),
+                self.start_timeout)
+        except asyncio.TimeoutError:
+            raise BundleError(f"{self.label}: bundle {self.bundle_path} did not load within {self.start_timeout:.0f}s")
+        except BundleError:
+            raise
+        except Exception as exc:
+            raise BundleError(f"{self.label}: bundle {self.bundle_path} failed to load: {type(exc).__name__}: {exc}")
+        return self.info
+
+    async def process(self, items, states):
+        if self.dead:
+            raise WorkerCrashed(f"{self.label} in-process model is unusable after a timeout")
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, self._processor.process, items, states)
+        try:
+            return await asyncio.wait_for(fut, self.predict_timeout)
+        except asyncio.TimeoutError:
+            self.dead = True  # the thread cannot be killed; this worker is done
+            raise WorkerTimeout(f"{self.label} in-process predict did not answer within {self.predict_timeout:.3f}s")
+        except Exception as exc:
+            raise BatchFailed(f"{self.label} predict failed: {type(exc).__name__}: {exc}") from exc
+
+    async def health(self) -> bool:
+        if self.dead:
+            return False
+        check = getattr(self._processor.model, "health_check", None)
+        if not callable(check):
+            return True
+        loop = asyncio.get_running_loop()
+        try:
+            return bool(await asyncio.wait_for(loop.run_in_executor(self._pool, check), self.predict_timeout))
+        except Exception:
+            return False
+
+    def kill(self) -> None:
+        self.dead = True
+
+    async def close(self, timeout: float = 5.0) -> None:
+        close = getattr(getattr(self._processor, "model", None), "close", None)
+        if callable(close) and not self.dead:
+            loop = asyncio.get_running_loop()
+            try:
+                await asyncio.wait_for(loop.run_in_executor(self._pool, close), timeout)
+            except Exception:  # noqa: BLE001
+                log.exception("model close() failed")
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_worker(mode: str, bundle_path: Path, unpack_dir: Path | None, *, predict_timeout: float,
+                start_timeout: float, label: str):
+    cls = SubprocessWorker if mode == "subprocess" else InProcessWorker
+    return cls(bundle_path, unpack_dir, predict_timeout=predict_timeout, start_timeout=start_timeout, label=label)

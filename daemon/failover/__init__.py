@@ -1,0 +1,1 @@
+"""Failure detection and failover: signals, anti-flapping policy, the controller."""

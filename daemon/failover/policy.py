@@ -1,0 +1,34 @@
+"""Anti-flapping policy: a cool-down after each failover and a cap per time window
+(the restart-intensity idea of mode's supervisors)."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+
+class FailoverPolicy:
+    def __init__(self, *, cooldown_s: float, max_failovers: int, window_s: float, clock=time.monotonic) -> None:
+        self.cooldown_s = cooldown_s
+        self.max_failovers = max_failovers
+        self.window_s = window_s
+        self.clock = clock
+        self.history: collections.deque[float] = collections.deque()
+
+    def _trim(self, now: float) -> None:
+        while self.history and now - self.history[0] > self.window_s:
+            self.history.popleft()
+
+    def check(self) -> str | None:
+        """None when a failover may happen now, else why not."""
+        now = self.clock()
+        self._trim(now)
+        if len(self.history) >= self.max_failovers:
+            return (f"failover cap reached: {len(self.history)} failovers in the last {self.window_s:.0f}s "
+                    f"(max {self.max_failovers})")
+        if self.history and now - self.history[-1] < self.cooldown_s:
+            return f"in cool-down: last failover {now - self.history[-1]:.1f}s ago (cool-down {self.cooldown_s:.1f}s)"
+        return None
+
+    def record(self) -> None:
+        self.history.append(self.clock())

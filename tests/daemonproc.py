@@ -1,0 +1,118 @@
+"""Run the real daemon (``python -m daemon run``) as a subprocess against the local broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests import kafkatools
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(path: Path, *, bootstrap: str, names: dict, state_dir: Path, registry: Path | None = None,
+                 group: str, app: str, extra: dict | None = None, instance_id: str | None = None,
+                 metrics_port: int = 0) -> Path:
+    sections: dict[str, dict] = {
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": group, "session_timeout_ms": 6000,
+                  "heartbeat_interval_ms": 1000},
+        "app": {"name": app},
+        "inputs": {"topics": [names["input"]]},
+        "output": {"topic": names["output"]},
+        "dead_letter": {"topic": names["dlq"], "max_value_bytes": 4096},
+        "checkpoint": {"interval_ms": 100, "interval_records": 500, "topic": names["checkpoint"]},
+        "state": {"directory": str(state_dir), "changelog_topic": names["changelog"]},
+        "registry": {"path": str(registry or state_dir / "registry"), "control_topic": names.get("control", "unused-control")},
+        "worker": {"predict_timeout_ms": 2000, "start_timeout_ms": 60000, "max_batch_records": 500},
+        "metrics": {"port": metrics_port},
+    }
+    if instance_id:
+        sections["kafka"]["group_instance_id"] = instance_id
+    for section, values in (extra or {}).items():
+        sections.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if isinstance(v, bool):
+                lines.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, (int, float)):
+                lines.append(f"{k} = {v}")
+            elif isinstance(v, list):
+                lines.append(f"{k} = [{', '.join(repr(str(x)).replace(chr(39), chr(34)) for x in v)}]")
+            else:
+                lines.append(f'{k} = "{v}"')
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+async def make_topics(bootstrap: str, prefix: str, partitions: int = 2, control: bool = False) -> dict:
+    names = {role: kafkatools.unique(f"{prefix}-{role}") for role in ("input", "output", "dlq", "changelog", "checkpoint")}
+    if control:
+        names["control"] = kafkatools.unique(f"{prefix}-control")
+    compact = {"cleanup.policy": "compact"}
+    await kafkatools.create_topics(bootstrap, {
+        names["input"]: partitions, names["output"]: partitions, names["dlq"]: 1,
+        names["changelog"]: partitions, names["checkpoint"]: 1, **({names["control"]: 1} if control else {}),
+    }, configs={names["changelog"]: compact, names["checkpoint"]: compact, **({names["control"]: compact} if control else {})})
+    return names
+
+
+class DaemonProc:
+    def __init__(self, config: Path, *args: str, log: Path) -> None:
+        self.config = config
+        self.args = args
+        self.log_path = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "DaemonProc":
+        self._log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "--log-level", "info", "run",
+                                      "--config", str(self.config), *self.args],
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check(self) -> bool:
+        """True while running; raises with the log tail when the daemon has exited."""
+        if not self.alive():
+            raise AssertionError(f"daemon exited with {self.proc.returncode}; log:\n{self.log()[-4000:]}")
+        return True
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        """kill -9 the daemon and every process of its session (its model workers)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+            raise AssertionError(f"daemon did not stop within {timeout}s after SIGTERM; log:\n{self.log()[-3000:]}")
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-f", "-P", str(self.proc.pid), "daemon.engine.worker_main"],
+                             capture_output=True, text=True)
+        return [int(x) for x in out.stdout.split()]
