@@ -60,3 +60,95 @@ async def _count_committed(bootstrap, names, expected) -> bool:
     out = await kafkatools.read_committed(bootstrap, names["output"], idle=0.3)
     dead = await kafkatools.read_committed(bootstrap, names["dlq"], idle=0.3)
     return len(out) + len(dead) >= expected
+
+
+class Feeder:
+    """Produces the given records at a steady pace in the background, so faults land mid-stream."""
+
+    def __init__(self, bootstrap: str, topic: str, records: list, per_batch: int = 100, pause: float = 0.02):
+        self.bootstrap, self.topic, self.records = bootstrap, topic, records
+        self.per_batch, self.pause = per_batch, pause
+        self.sent = 0
+
+    async def run(self) -> None:
+        import asyncio
+
+        for i in range(0, len(self.records), self.per_batch):
+            self.sent += await kafkatools.produce(self.bootstrap, self.topic, self.records[i:i + self.per_batch])
+            await asyncio.sleep(self.pause)
+
+
+async def _run_until_done(bootstrap, names, n, daemons, timeout=120):
+    await kafkatools.wait_for(
+        lambda: all(d.check() for d in daemons) and _count_committed(bootstrap, names, n),
+        timeout=timeout, interval=0.5, what=f"{n} inputs accounted for")
+
+
+async def test_kill_9_of_daemon_mid_stream_then_restart_loses_and_duplicates_nothing(
+        kafka_bootstrap, tmp_path, example_bundles):
+    import asyncio
+
+    names = await make_topics(kafka_bootstrap, "k9", partitions=2)
+    records = streams.transactions(6000, seed=2, n_cards=40)
+    cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "state",
+                       group=kafkatools.unique("g"), app=kafkatools.unique("app"), instance_id="k9-a")
+    args = ("--active-bundle", str(example_bundles["v1"]))
+    feeder = Feeder(kafka_bootstrap, names["input"], records, per_batch=200, pause=0.05)
+    feed = asyncio.create_task(feeder.run())
+    first = DaemonProc(cfg, *args, log=tmp_path / "d1.log").start()
+    second = None
+    try:
+        await kafkatools.wait_for(lambda: first.check() and _count_committed(kafka_bootstrap, names, 1500),
+                                  timeout=60, interval=0.3, what="some checkpoints")
+        first.kill9()  # mid-stream: an interval is open, outputs are in flight
+        second = DaemonProc(cfg, *args, log=tmp_path / "d2.log").start()
+        await feed
+        await _run_until_done(kafka_bootstrap, names, len(records), [second])
+        assert second.terminate() == 0
+    finally:
+        feed.cancel()
+        for d in (first, second):
+            if d is not None and d.alive():
+                d.kill9()
+    inputs = await _input_positions(kafka_bootstrap, names["input"])
+    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
+    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
+    streams.assert_exactly_once(inputs, outputs, dead)
+    streams.assert_counts_chain(outputs)  # state restored from the changelog at the checkpoint
+
+
+async def test_two_instances_one_killed_survivor_takes_over_with_state(kafka_bootstrap, tmp_path, example_bundles):
+    import asyncio
+
+    names = await make_topics(kafka_bootstrap, "scale", partitions=4)
+    records = streams.transactions(8000, seed=3, n_cards=60)
+    group, app = kafkatools.unique("g"), kafkatools.unique("app")
+    args = ("--active-bundle", str(example_bundles["v1"]))
+    daemons = []
+    for name in ("a", "b"):
+        cfg = write_config(tmp_path / f"{name}.toml", bootstrap=kafka_bootstrap, names=names,
+                           state_dir=tmp_path / f"state-{name}", group=group, app=app)
+        daemons.append(DaemonProc(cfg, *args, log=tmp_path / f"{name}.log").start())
+    feeder = Feeder(kafka_bootstrap, names["input"], records, per_batch=200, pause=0.08)
+    feed = asyncio.create_task(feeder.run())
+    try:
+        await kafkatools.wait_for(lambda: all(d.check() for d in daemons)
+                                  and _count_committed(kafka_bootstrap, names, 2500),
+                                  timeout=90, interval=0.3, what="both instances processing")
+        assert "partitions assigned" in daemons[1].log()
+        daemons[0].kill9()
+        await feed
+        await _run_until_done(kafka_bootstrap, names, len(records), [daemons[1]], timeout=150)
+        assert daemons[1].terminate() == 0
+    finally:
+        feed.cancel()
+        for d in daemons:
+            if d.alive():
+                d.kill9()
+    inputs = await _input_positions(kafka_bootstrap, names["input"])
+    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
+    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
+    streams.assert_exactly_once(inputs, outputs, dead)
+    # The survivor's per-card counts continue the dead instance's: the same as one instance alone.
+    streams.assert_counts_chain(outputs)
+    assert len(outputs) == len(records)
