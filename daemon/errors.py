@@ -68,3 +68,9 @@ class WorkerCrashed(ReleaseFailure):
 class WorkerTimeout(ReleaseFailure):
     def __init__(self, message: str) -> None:
         super().__init__(message, reason="predict_timeout")
+
+
+class ControlTopicError(RegistryError):
+    """The control topic could not be read or written (broker unreachable, topic missing)."""
+
+    retriable = True

@@ -56,11 +56,13 @@ class LocalBroker:
 
     @property
     def home(self) -> Path:
-        return self.root / ".local" / "kafka"
+        """Data, config, log and pid of this broker (one directory per client port)."""
+        base = self.root / ".local"
+        return base / "kafka" if self.port == DEFAULT_PORT else base / f"kafka-{self.port}"
 
     @property
     def lib(self) -> Path:
-        return self.home / "lib"
+        return self.root / ".local" / "kafka" / "lib"
 
     @property
     def data(self) -> Path:
@@ -128,14 +130,14 @@ class LocalBroker:
 
     def fetch(self) -> None:
         """Download the broker jars from Maven Central (once per pom version)."""
-        stamp = self.home / "lib.sha256"
+        stamp = self.lib.parent / "lib.sha256"
         if self.lib.is_dir() and stamp.is_file() and stamp.read_text() == self._pom_digest():
             return
         mvn = self._require("mvn", "Maven fetches the Kafka broker jars (apt-get install maven)")
         self._require("java", "the local Kafka broker needs Java 17+ (apt-get install openjdk-17-jre-headless)")
         if self.lib.exists():
             shutil.rmtree(self.lib)
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.lib.parent.mkdir(parents=True, exist_ok=True)
         cmd = [mvn, "-q", "-B", "-f", str(self.pom), "dependency:copy-dependencies",
                f"-DoutputDirectory={self.lib}", "-DincludeScope=runtime"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -223,6 +225,7 @@ class LocalBroker:
             raise BrokerError(f"port {self.port} is taken by another process; stop it or pass --port")
         self._check_java_version()
         self.fetch()
+        self.home.mkdir(parents=True, exist_ok=True)
         server = self._write_configs()
         self.format(server)
         log = open(self.log_file, "ab")

@@ -71,6 +71,7 @@ class Engine:
         self.restoring: dict[TopicPartition, int] = {}
         self.last_checkpoint: float | None = None
         self.replayed_total = 0
+        self.last_replay = 0
         self.consumer: AIOKafkaConsumer | None = None
         self.restorer: AIOKafkaConsumer | None = None
         self.shared_producer: AIOKafkaProducer | None = None
@@ -591,7 +592,7 @@ class Engine:
         """Abort the open interval; let the failure handler decide. True = process again."""
         m.MODEL_ERRORS.labels(self.active.channel, exc.reason).inc()
         log.error("release failed", extra={"release": self.active.ref, "reason": exc.reason, "error": str(exc)})
-        await self.rewind_all()
+        self.last_replay = await self.rewind_all()
         if self.on_failure is not None and await self.on_failure(self, exc):
             return False  # the handler switched or paused; the next fetch replays from the checkpoint
         self.failure = exc

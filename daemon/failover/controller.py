@@ -52,6 +52,7 @@ class FailoverController:
         self.events: collections.deque[dict] = collections.deque(maxlen=50)
         self.engine = None
         self._open_event: dict | None = None
+        self.pause_kind: str | None = None
         self._tasks: set[asyncio.Task] = set()
 
     def attach(self, engine) -> None:
@@ -100,6 +101,8 @@ class FailoverController:
         if standby is None or getattr(standby.worker, "dead", False):
             self.pause(engine, f"no healthy standby to take over from {engine.active.ref} ({reason}: {detail})")
             return True
+        if engine.paused:
+            self.resume(engine)
         old = engine.active
         old.worker.kill()
         await old.worker.close(timeout=1.0)
@@ -112,12 +115,13 @@ class FailoverController:
         checkpoint = {f"{tp.topic}:{tp.partition}": p.committed for tp, p in engine.partitions.items()}
         event = {"kind": "failover", "from": old.describe(), "to": standby.describe(), "reason": reason,
                  "detail": detail, "checkpoint": checkpoint, "time": time.time(), "instance": engine.instance_id,
-                 "replayed": engine.replayed_total, "duration_s": None, "_t0": t0}
+                 "replayed": engine.last_replay, "duration_s": None, "_t0": t0}
         self.events.append(event)
         self._open_event = event
         m.FAILOVERS.labels(reason).inc()
         engine._publish_release_info()
-        log.error("FAILOVER", extra={"from": old.ref, "to": standby.ref, "reason": reason, "detail": detail})
+        log.error("FAILOVER", extra={"from": old.ref, "to": standby.ref, "reason": reason,
+                                     "replayed": engine.last_replay, "detail": detail})
         if self.recorder is not None:
             self._spawn(self.recorder({k: v for k, v in event.items() if not k.startswith("_")}))
         if self.failback:
@@ -134,6 +138,7 @@ class FailoverController:
                                                  "seconds": round(ev["duration_s"], 3)})
 
     def pause(self, engine, why: str, cap: bool = False) -> None:
+        self.pause_kind = "cap" if cap else "no_standby"
         engine.paused = True
         engine.pause_reason = why
         if engine.consumer is not None:
@@ -145,6 +150,7 @@ class FailoverController:
                             "time": time.time(), "instance": engine.instance_id})
 
     def resume(self, engine) -> None:
+        self.pause_kind = None
         engine.paused = False
         engine.pause_reason = ""
         m.FAILOVER_CAP_REACHED.set(0)
@@ -168,6 +174,9 @@ class FailoverController:
                 engine.standby = candidate
                 engine._publish_release_info()
                 log.info("failed release is standby again", extra={"release": candidate.ref})
+                if engine.paused and self.pause_kind == "no_standby":
+                    # paused for want of a standby: one is here now, so take over (policy permitting)
+                    await self.failover(engine, "standby_available", f"{candidate.ref} passed its health check")
             else:
                 await candidate.worker.close()
 

@@ -152,3 +152,130 @@ async def test_two_instances_one_killed_survivor_takes_over_with_state(kafka_boo
     # The survivor's per-card counts continue the dead instance's: the same as one instance alone.
     streams.assert_counts_chain(outputs)
     assert len(outputs) == len(records)
+
+
+async def test_paused_zombie_wakes_after_handover_and_its_commit_is_refused(kafka_bootstrap, tmp_path,
+                                                                          example_bundles):
+    import asyncio
+    import os
+    import signal
+
+    names = await make_topics(kafka_bootstrap, "zombie", partitions=1)
+    group, app = kafkatools.unique("g"), kafkatools.unique("app")
+    args = ("--active-bundle", str(example_bundles["v1"]))
+    # The zombie checkpoints rarely, so it is paused with an open transaction full of outputs.
+    cfg_a = write_config(tmp_path / "a.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "sa",
+                         group=group, app=app, extra={"checkpoint": {"interval_ms": 600000, "interval_records": 1000000}})
+    cfg_b = write_config(tmp_path / "b.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "sb",
+                         group=group, app=app)
+    first = streams.transactions(400, seed=4, n_cards=20)
+    await kafkatools.produce(kafka_bootstrap, names["input"], first)
+    zombie = DaemonProc(cfg_a, *args, log=tmp_path / "a.log").start()
+    survivor = None
+    try:
+        await kafkatools.wait_for(lambda: zombie.check() and "partitions assigned" in zombie.log(), timeout=60,
+                                  what="zombie assigned")
+        # wait until the zombie has processed (but not committed) records: its worker answered
+        await asyncio.sleep(0)  # let the loop breathe before polling the log
+        await kafkatools.wait_for(lambda: _uncommitted_outputs(kafka_bootstrap, names["output"]), timeout=60,
+                                  what="zombie outputs in an open transaction")
+        os.kill(zombie.pid, signal.SIGSTOP)
+        survivor = DaemonProc(cfg_b, *args, log=tmp_path / "b.log").start()
+        await _run_until_done(kafka_bootstrap, names, len(first), [survivor], timeout=90)
+        os.kill(zombie.pid, signal.SIGCONT)
+        await kafkatools.wait_for(lambda: "fenced" in zombie.log() or not zombie.alive(), timeout=60,
+                                  what="the zombie's commit to be refused")
+        second = streams.transactions(200, seed=5, n_cards=20)
+        await kafkatools.produce(kafka_bootstrap, names["input"], second)
+        await kafkatools.wait_for(
+            lambda: _count_committed(kafka_bootstrap, names, len(first) + len(second)), timeout=90,
+            interval=0.5, what="all inputs after the zombie woke")
+    finally:
+        for d in (zombie, survivor):
+            if d is not None and d.alive():
+                try:
+                    os.kill(d.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+                d.kill9()
+    inputs = await _input_positions(kafka_bootstrap, names["input"])
+    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
+    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
+    streams.assert_exactly_once(inputs, outputs, dead)
+    streams.assert_counts_chain(outputs)
+
+
+async def _uncommitted_outputs(bootstrap: str, topic: str) -> bool:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_uncommitted")
+    await c.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        return (await c.end_offsets([tp]))[tp] > 0
+    finally:
+        await c.stop()
+
+
+async def test_restore_stops_at_the_checkpoint_and_reads_only_the_delta(kafka_bootstrap, tmp_path, example_bundles):
+    from aiokafka import AIOKafkaProducer
+
+    from daemon.engine.state import changelog_key
+
+    names = await make_topics(kafka_bootstrap, "restore", partitions=1)
+    group, app = kafkatools.unique("g"), kafkatools.unique("app")
+    args = ("--active-bundle", str(example_bundles["v1"]))
+    cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s1",
+                       group=group, app=app)
+    batch1 = [(b"card-r", orjson.dumps({"card_id": "card-r", "amount": 10.0, "features": [0.1] * 8}))] * 30
+    await kafkatools.produce(kafka_bootstrap, names["input"], batch1)
+    d = DaemonProc(cfg, *args, log=tmp_path / "d1.log").start()
+    await _run_until_done(kafka_bootstrap, names, 30, [d])
+    assert d.terminate() == 0
+
+    # Uncommitted and aborted changelog writes claiming card-r has count 9999.
+    bogus = orjson.dumps({"count": 9999, "mean_amount": 1.0})
+    key = changelog_key(names["input"], "fraud-scorer/s1", b"card-r")
+    for commit in (False, None):
+        p = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=kafkatools.unique("intruder"))
+        await p.start()
+        await p.begin_transaction()
+        await (await p.send(names["changelog"], bogus, key=key, partition=0))
+        if commit is False:
+            await p.abort_transaction()
+            await p.stop()
+        else:
+            open_txn = p  # left open while the daemon restores
+
+    # A fresh instance (empty state dir) restores from the changelog: committed writes only.
+    cfg2 = write_config(tmp_path / "f2.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s2",
+                        group=group, app=app)
+    await kafkatools.produce(kafka_bootstrap, names["input"], batch1[:1])
+    d2 = DaemonProc(cfg2, *args, log=tmp_path / "d2.log").start()
+    try:
+        await _run_until_done(kafka_bootstrap, names, 31, [d2])
+        assert d2.terminate() == 0
+    finally:
+        await open_txn.abort_transaction()
+        await open_txn.stop()
+        if d2.alive():
+            d2.kill9()
+    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
+    last = max(outputs, key=lambda r: r.offset)
+    assert orjson.loads(last.value)["count"] == 31  # 30 committed + this one; never 10000
+    assert "state restored" in d2.log()
+
+    # The first instance's store is at the changelog position of its last checkpoint: a restart
+    # there reads only the delta written since (by d2), not the whole changelog.
+    d3 = DaemonProc(cfg, *args, log=tmp_path / "d3.log").start()
+    try:
+        await kafkatools.produce(kafka_bootstrap, names["input"], batch1[:1])
+        await _run_until_done(kafka_bootstrap, names, 32, [d3])
+        assert d3.terminate() == 0
+    finally:
+        if d3.alive():
+            d3.kill9()
+    restore_lines = [ln for ln in d3.log().splitlines() if "restoring state" in ln]
+    assert restore_lines and " from=0 " not in restore_lines[0] + " ", restore_lines
+    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
+    assert orjson.loads(max(outputs, key=lambda r: r.offset).value)["count"] == 32

@@ -1,0 +1,93 @@
+"""Build a bundle: check ``bundle.toml``, hash every file, write the manifest, pack one archive.
+
+Building the same source twice (or a copy of it elsewhere) gives the same digest and the same
+archive bytes. ``with_wheels`` adds the lock's wheels (``pip download``) under ``wheels/`` so a
+host without a package index can ``pip install --no-index --find-links wheels -r LOCK``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from daemon.bundle import archive
+from daemon.bundle import files as bfiles
+from daemon.bundle.manifest import FORMAT, TOML_NAME, canonical_json, load_spec
+from daemon.errors import BundleError
+
+WHEELS_DIR = "wheels"
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    path: Path
+    digest: str
+    manifest: dict
+
+    @property
+    def ref(self) -> str:
+        return f"{self.manifest['bundle']['name']}@{self.manifest['bundle']['version']}"
+
+
+def _download_wheels(src: Path, spec: dict, dest: Path, label: str) -> None:
+    lock = src / spec["dependencies"]["lock"]
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+           "--no-deps", "--only-binary=:all:", "--python-version", spec["bundle"]["python"],
+           "--dest", str(dest), "-r", str(lock)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BundleError(f"{label}: pip download of {lock} failed (exit {proc.returncode}):\n"
+                          f"{(proc.stderr or proc.stdout).strip()}\n"
+                          f"fix: check that every pin exists as a wheel for Python {spec['bundle']['python']} "
+                          f"and that the package index is reachable, or build without --with-wheels")
+
+
+def build(src: Path, out: Path, *, with_wheels: bool = False) -> Built:
+    """Build the bundle in directory ``src`` into ``out/{name}-{version}-{digest12}.fdb``."""
+    src = Path(src).resolve()
+    out = Path(out).resolve()
+    if not src.is_dir():
+        raise BundleError(f"bundle source {src} is not a directory; fix: pass the directory holding {TOML_NAME}")
+    if out == src or src in out.parents:
+        raise BundleError(f"bundle source {src}: --out {out} is inside the source, so the archive would end up "
+                          f"in the next build; fix: choose an output directory outside it (e.g. dist/)")
+    spec = load_spec(src)
+    b = spec["bundle"]
+    label = f"bundle {b['name']}@{b['version']} ({src})"
+    files, others = bfiles.scan(src)
+    if others:
+        raise BundleError(f"{label}: symlinks or special files cannot be part of a bundle: "
+                          + ", ".join(others) + "; fix: replace them with regular files or remove them")
+    files = [f for f in files if f != bfiles.MANIFEST_NAME]  # rebuilding from an unpacked bundle
+    with tempfile.TemporaryDirectory(prefix="failoverd-build-") as tmp:
+        roots = {f: src for f in files}
+        if with_wheels:
+            if any(f.startswith(WHEELS_DIR + "/") for f in files):
+                raise BundleError(f"{label}: the source already has a {WHEELS_DIR}/ directory; fix: remove it "
+                                  f"(--with-wheels fills it from the lock) or build without --with-wheels")
+            wheel_dir = Path(tmp) / WHEELS_DIR
+            wheel_dir.mkdir()
+            _download_wheels(src, spec, wheel_dir, label)
+            for w in sorted(p.name for p in wheel_dir.iterdir()):
+                roots[f"{WHEELS_DIR}/{w}"] = Path(tmp)
+            spec["dependencies"]["wheels"] = WHEELS_DIR
+        entries = {}
+        for rel in sorted(roots):
+            digest, size = bfiles.digest_file(roots[rel] / rel)
+            entries[rel] = {"sha256": digest, "size": size}
+        manifest = {"format": FORMAT, **spec, "files": entries}
+        manifest_bytes = canonical_json(manifest)
+        digest = bfiles.digest_bytes(manifest_bytes)
+        out.mkdir(parents=True, exist_ok=True)
+        dest = out / archive.archive_name(b["name"], b["version"], digest)
+        staging = Path(tmp) / "stage"
+        if with_wheels:  # one root to pack from: copy the source and the wheels side by side
+            for rel, root in roots.items():
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(root / rel, staging / rel)
+        archive.pack(staging if with_wheels else src, list(roots), manifest_bytes, dest)
+    return Built(dest, digest, manifest)

@@ -1,0 +1,172 @@
+"""``failoverd bundle build|verify|inspect|try``: package a model and check it (docs/bundles.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from daemon.errors import BundleError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bundle", help="build, verify, inspect and try model bundles",
+                       description="Package a model (code, data, schemas, dependency lock) as one content-addressed "
+                                   "archive, check one, or run it on sample records. See docs/bundles.md.")
+    bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+
+    b = bsub.add_parser("build", help="build SRC (a directory with bundle.toml) into one .fdb archive")
+    b.add_argument("src", type=Path, help="bundle source directory (holds bundle.toml)")
+    b.add_argument("--out", type=Path, required=True, help="output directory for the archive")
+    b.add_argument("--with-wheels", action="store_true",
+                   help="also pip download the lock's wheels into wheels/ (for hosts without a package index)")
+    b.add_argument("--json", action="store_true", help="print {path, digest, name, version} as JSON")
+    b.set_defaults(func=run_build)
+
+    v = bsub.add_parser("verify", help="re-hash a bundle (archive or unpacked dir); name every bad file")
+    v.add_argument("path", type=Path)
+    v.add_argument("--check-env", action="store_true",
+                   help="also check that this Python and its installed packages satisfy the lock")
+    v.set_defaults(func=run_verify)
+
+    i = bsub.add_parser("inspect", help="show a bundle's manifest")
+    i.add_argument("path", type=Path)
+    i.add_argument("--json", action="store_true", help="the whole manifest and digest as JSON")
+    i.set_defaults(func=run_inspect)
+
+    t = bsub.add_parser("try", help="run a bundle in this process on JSON-lines records; check both schemas",
+                        description="Each input line is {\"key\": ..., \"value\": {...}} or a bare value. Inputs and "
+                                    "outputs are validated against the bundle's schemas, state is carried per key. "
+                                    "Prints one JSON line per record. Exit 1 if an input or output violated its "
+                                    "schema or predict raised (a RecordError is a dead letter, not a failure).")
+    t.add_argument("path", type=Path)
+    t.add_argument("--input", type=Path, help="JSON-lines file (default: stdin)")
+    t.add_argument("--unpack-dir", type=Path, help="where archives are unpacked (default: user cache)")
+    t.set_defaults(func=run_try)
+
+
+def run_build(args) -> int:
+    from daemon.bundle.build import build
+
+    built = build(args.src, args.out, with_wheels=args.with_wheels)
+    if args.json:
+        print(json.dumps({"path": str(built.path), "digest": built.digest, "name": built.manifest["bundle"]["name"],
+                          "version": built.manifest["bundle"]["version"]}))
+    else:
+        print(f"built {built.ref} digest {built.digest}\n  {built.path} ({len(built.manifest['files'])} files)")
+    return 0
+
+
+def run_verify(args) -> int:
+    from daemon.bundle.loader import Bundle
+    from daemon.bundle.verify import verify_path
+
+    if args.check_env:
+        import tempfile
+
+        from daemon.bundle.loader import open_bundle
+
+        with tempfile.TemporaryDirectory(prefix="failoverd-verify-") as tmp:
+            bundle: Bundle = open_bundle(args.path, Path(tmp))
+            bundle.check_environment()
+            ref, digest, n = bundle.ref, bundle.digest, len(bundle.manifest["files"])
+    else:
+        v = verify_path(args.path)
+        ref, digest, n = v.ref, v.digest, len(v.manifest["files"])
+    env = ", environment satisfies the lock" if args.check_env else ""
+    print(f"ok: {ref} digest {digest}: {n} files verify{env}")
+    return 0
+
+
+def _read_manifest(path: Path) -> tuple[dict, str]:
+    from daemon.bundle import archive
+    from daemon.bundle.files import MANIFEST_NAME
+    from daemon.bundle.manifest import parse_manifest, read_manifest
+
+    if path.is_dir():
+        manifest, digest, _ = read_manifest(path)
+        return manifest, digest
+    label = f"bundle archive {path}"
+    with archive.open_archive(path, label) as tar:
+        raw = archive.read_member(tar, archive.safe_members(tar, path, label), MANIFEST_NAME)
+    if raw is None:
+        raise BundleError(f"{label}: no {MANIFEST_NAME}; fix: build it with `failoverd bundle build`")
+    return parse_manifest(raw, label)
+
+
+def run_inspect(args) -> int:
+    manifest, digest = _read_manifest(args.path)
+    if args.json:
+        print(json.dumps({"digest": digest, "manifest": manifest}, indent=2, sort_keys=True))
+        return 0
+    b = manifest["bundle"]
+    lines = [f"{b['name']}@{b['version']}  digest {digest}",
+             f"  entrypoint            {b['entrypoint']}  (code dir {b['code']}/)",
+             f"  python                {b['python']}",
+             f"  state schema version  {b['state_schema_version']}",
+             f"  input schema          {manifest['schemas']['input']}",
+             f"  output schema         {manifest['schemas']['output']}",
+             f"  lock                  {manifest['dependencies']['lock']}"
+             + (f"  (+ wheels in {wheels}/)" if (wheels := manifest["dependencies"].get("wheels")) else "")]
+    for name, rel in sorted(manifest["data"].items()):
+        lines.append(f"  data {name:<16} {rel}")
+    for key, value in sorted(manifest["metadata"].items()):
+        lines.append(f"  meta {key:<16} {value}")
+    lines.append(f"  files ({len(manifest['files'])}):")
+    for rel, entry in sorted(manifest["files"].items()):
+        lines.append(f"    {entry['sha256'][:16]}  {entry['size']:>9}  {rel}")
+    print("\n".join(lines))
+    return 0
+
+
+def run_try(args) -> int:
+    import orjson
+    from jsonschema.validators import validator_for
+
+    from daemon.bundle.loader import open_bundle
+    from daemon.model import Record, RecordError, normalize
+
+    bundle = open_bundle(args.path, args.unpack_dir)
+    bundle.check_environment()
+    model = bundle.instantiate()
+    if callable(getattr(model, "warm_up", None)):
+        model.warm_up()
+    validate_in = validator_for(bundle.input_schema)(bundle.input_schema)
+    validate_out = validator_for(bundle.output_schema)(bundle.output_schema)
+    source = open(args.input, encoding="utf-8") if args.input else sys.stdin
+    states: dict = {}
+    failed = 0
+    try:
+        for number, line in enumerate(source, 1):
+            if not line.strip():
+                continue
+            doc = orjson.loads(line)
+            key, value = (doc.get("key"), doc["value"]) if isinstance(doc, dict) and "value" in doc else (None, doc)
+            errors = sorted(e.message for e in validate_in.iter_errors(value))
+            if errors:
+                failed += 1
+                print(json.dumps({"line": number, "key": key, "input_error": errors}))
+                continue
+            try:
+                result = normalize(model.predict([Record(key, value, states.get(key))])[0])
+            except Exception as exc:  # the engine fails the batch and counts it against the release
+                failed += 1
+                print(json.dumps({"line": number, "key": key, "predict_raised": f"{type(exc).__name__}: {exc}"}))
+                continue
+            if isinstance(result, RecordError):  # the model's own refusal: a dead letter, not a failure
+                print(json.dumps({"line": number, "key": key, "record_error": str(result)}))
+                continue
+            errors = sorted(e.message for e in validate_out.iter_errors(result.output))
+            if errors:
+                failed += 1
+                print(json.dumps({"line": number, "key": key, "output_error": errors, "output": result.output}))
+                continue
+            if key is not None:
+                states[key] = result.state
+            print(json.dumps({"line": number, "key": key, "output": result.output, "state": result.state}))
+    finally:
+        if source is not sys.stdin:
+            source.close()
+        if callable(getattr(model, "close", None)):
+            model.close()
+    return 1 if failed else 0

@@ -1,0 +1,219 @@
+"""``failoverd release promote|rollback|status|history|sync``: the release log (docs/bundles.md).
+
+The registry directory comes from ``--registry DIR`` or the configuration's ``[registry] path``.
+Promotions and rollbacks are also published to the control topic when Kafka is configured
+(``--bootstrap``/``--control-topic`` or the configuration) unless ``--no-publish``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import sys
+from pathlib import Path
+
+from daemon.errors import ConfigError, ControlTopicError, RegistryError
+
+DEFAULT_CONFIG = Path("config/failoverd.toml")
+PUBLISH_TIMEOUT = 10.0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("release", help="promote, roll back and list releases (the release log)",
+                       description="Put bundles on the active/standby channels, roll back, and read the append-only "
+                                   "release log. See docs/bundles.md.")
+    rsub = p.add_subparsers(dest="release_command", metavar="ACTION", required=True)
+
+    def common(q, kafka: bool = False, publishes: bool = False):
+        q.add_argument("--config", type=Path, default=None,
+                       help=f"configuration file (default {DEFAULT_CONFIG} when it exists)")
+        q.add_argument("--registry", type=Path, help="registry directory (overrides [registry] path)")
+        if kafka or publishes:
+            q.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides the configuration)")
+            q.add_argument("--control-topic", help="control topic (overrides [registry] control_topic)")
+        if publishes:
+            q.add_argument("--no-publish", action="store_true", help="do not publish the change to the control topic")
+
+    q = rsub.add_parser("promote", help="put NAME@VERSION (or a digest) on a channel")
+    q.add_argument("ref", metavar="NAME@VERSION", help="bundle name@version, or its digest (prefix)")
+    q.add_argument("--channel", required=True, choices=["active", "standby"])
+    q.add_argument("--reason", required=True, help="why (recorded in the release log)")
+    q.add_argument("--bundle", type=Path, help="add this .fdb archive to the registry first")
+    q.add_argument("--allow-incompatible-schema", action="store_true",
+                   help="promote even if the schemas break the compatibility rule (after migrating the topic)")
+    q.add_argument("--who", help="who makes the change (default user@host)")
+    common(q, publishes=True)
+    q.set_defaults(func=run_promote)
+
+    q = rsub.add_parser("rollback", help="return the active channel to an earlier release")
+    q.add_argument("--to", metavar="NAME@VERSION", help="target (default: the release active before the current one)")
+    q.add_argument("--reason", required=True)
+    q.add_argument("--who", help="who makes the change (default user@host)")
+    common(q, publishes=True)
+    q.set_defaults(func=run_rollback)
+
+    q = rsub.add_parser("status", help="what is active and standby")
+    q.add_argument("--json", action="store_true")
+    common(q)
+    q.set_defaults(func=run_status)
+
+    q = rsub.add_parser("history", help="the release log, or what was active at a moment (--at)")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--at", metavar="TIMESTAMP", help="ISO 8601 time (UTC if no offset), e.g. 2024-06-02T14:05:00Z")
+    common(q)
+    q.set_defaults(func=run_history)
+
+    q = rsub.add_parser("sync", help="append the releases published on the control topic that this registry lacks")
+    common(q, kafka=True)
+    q.set_defaults(func=run_sync)
+
+
+# -- configuration (daemon.config is imported only when needed) -------------------------------
+
+def _settings(args):
+    """The Settings from --config (or the default file when it exists), else None."""
+    explicit = args.config is not None
+    path = args.config if explicit else DEFAULT_CONFIG
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"configuration file {path} does not exist; fix: pass an existing file to --config")
+        return None
+    import daemon.config as config
+
+    for name in ("load", "load_settings", "load_config"):
+        if callable(getattr(config, name, None)):
+            return getattr(config, name)(path)
+    settings_cls = config.Settings
+    for name in ("load", "from_file", "from_toml", "from_path"):
+        if callable(getattr(settings_cls, name, None)):
+            return getattr(settings_cls, name)(path)
+    raise ConfigError(f"daemon.config has no loader for {path}")  # pragma: no cover
+
+
+def _registry(args):
+    from daemon.registry import Registry
+
+    if args.registry is not None:
+        return Registry(args.registry)
+    settings = _settings(args)
+    if settings is None:
+        raise ConfigError(f"no registry: pass --registry DIR, or a configuration with [registry] path "
+                          f"(--config FILE; default {DEFAULT_CONFIG} does not exist)")
+    return Registry(Path(settings.registry.path))
+
+
+def _kafka_target(args) -> tuple[dict | None, str | None, str]:
+    """(client kwargs, control topic, why not) for publishing or syncing."""
+    settings = None
+    if not (args.bootstrap and args.control_topic):
+        settings = _settings(args)
+    kwargs = {"bootstrap_servers": args.bootstrap} if args.bootstrap else (
+        settings.kafka.client_kwargs() if settings is not None else None)
+    topic = args.control_topic or (settings.registry.control_topic if settings is not None else None)
+    if kwargs is None or not topic:
+        return None, None, "no Kafka configured (--bootstrap and --control-topic, or --config FILE)"
+    return kwargs, topic, ""
+
+
+def _publish(args, release) -> None:
+    if args.no_publish:
+        return
+    kwargs, topic, why_not = _kafka_target(args)
+    if kwargs is None:
+        print(f"note: not published to a control topic: {why_not}", file=sys.stderr)
+        return
+    from daemon.control import publish, release_event
+
+    try:
+        asyncio.run(publish(kwargs, topic, release_event(release), timeout=PUBLISH_TIMEOUT))
+    except ControlTopicError as exc:
+        print(f"warning: recorded in the release log but NOT published, so running daemons do not know yet: {exc}\n"
+              f"fix: re-run the same command once the broker is reachable (it is idempotent)", file=sys.stderr)
+        return
+    print(f"published to control topic {topic}")
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+def _line(r) -> str:
+    return f"{r.time}  {r.channel:<7}  {r.kind:<8}  {r.ref}  {r.digest[:12]}  by {r.who}: {r.why}"
+
+
+def run_promote(args) -> int:
+    registry = _registry(args)
+    if args.bundle is not None:
+        digest = registry.add(args.bundle)
+        print(f"added {args.bundle} as {digest}")
+    before = registry.status()[args.channel]
+    release = registry.promote(args.ref, args.channel, args.reason, who=args.who,
+                               check_schemas=not args.allow_incompatible_schema)
+    if before is not None and before.id == release.id:
+        print(f"{release.ref} is already on channel {release.channel} (since {release.time}); nothing written")
+    else:
+        print(f"promoted {release.ref} ({release.digest[:12]}) to {release.channel}")
+    _publish(args, release)
+    return 0
+
+
+def run_rollback(args) -> int:
+    registry = _registry(args)
+    release = registry.rollback(args.to, args.reason, who=args.who)
+    print(f"rolled back {release.channel} to {release.ref} ({release.digest[:12]})")
+    _publish(args, release)
+    return 0
+
+
+def run_status(args) -> int:
+    registry = _registry(args)
+    status = registry.status()
+    if args.json:
+        print(json.dumps({c: (r.to_dict() if r else None) for c, r in status.items()}, indent=2))
+        return 0
+    for channel, r in status.items():
+        print(f"{channel:<7}  " + (f"{r.ref}  {r.digest[:12]}  since {r.time} ({r.kind} by {r.who}: {r.why})"
+                                   if r else "(none)"))
+    return 0
+
+
+def _parse_at(text: str) -> datetime.datetime:
+    try:
+        at = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise RegistryError(f"--at {text!r} is not an ISO 8601 time; e.g. --at 2024-06-02T14:05:00Z") from None
+    return at if at.tzinfo else at.replace(tzinfo=datetime.UTC)
+
+
+def run_history(args) -> int:
+    registry = _registry(args)
+    if args.at:
+        at = _parse_at(args.at)
+        r = registry.history(at)
+        if args.json:
+            print(json.dumps({"at": at.isoformat(), "active": r.to_dict() if r else None}, indent=2))
+        elif r is None:
+            print(f"nothing was active at {at.isoformat()}")
+        else:
+            print(f"active at {at.isoformat()}: {r.ref} ({r.digest[:12]})\n  {_line(r)}")
+        return 0
+    entries = registry.history()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in entries], indent=2))
+    else:
+        for r in entries:
+            print(_line(r))
+        if not entries:
+            print("(no releases yet)")
+    return 0
+
+
+def run_sync(args) -> int:
+    registry = _registry(args)
+    kwargs, topic, why_not = _kafka_target(args)
+    if kwargs is None:
+        raise ConfigError(f"cannot sync: {why_not}")
+    new = asyncio.run(registry.sync_from_topic(kwargs, topic))
+    for r in new:
+        print(f"synced {_line(r)}")
+    print(f"{len(new)} release(s) added from control topic {topic}")
+    return 0

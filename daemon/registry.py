@@ -1,0 +1,411 @@
+"""The registry: bundles stored by digest, and the append-only release log.
+
+Layout of a registry directory::
+
+    bundles/<digest>.fdb         the archives, content-addressed (BundleStore)
+    bundles/<digest>.json        their MANIFEST.json, for lookups without unpacking
+    unpacked/<digest>/           verified unpacked copies (a cache; safe to delete)
+    releases.jsonl               the release log: one JSON object per line, fsync'd, never rewritten
+    .lock                        serializes writers (flock)
+
+A release log entry (:class:`Release`) records when (UTC ISO time and epoch seconds), which
+channel (``active`` or ``standby``), which bundle (name, version, digest), who, why and what
+kind of event (``promote``, ``rollback``, ``failover``). The state of a channel is its latest
+entry in time order; ``history(at=...)`` answers "what was active then".
+
+Promotion refuses, writing nothing, a bundle that does not verify or whose schemas are
+incompatible with the active release's (rule: :mod:`daemon.bundle.compat`). Rollbacks and
+failovers return to releases that already served the topic, so only integrity is checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import getpass
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import orjson
+
+from daemon.bundle import compat
+from daemon.bundle.loader import Bundle, open_bundle
+from daemon.bundle.manifest import canonical_json
+from daemon.bundle.verify import verify_path
+from daemon.errors import BundleError, RegistryError
+
+CHANNELS = ("active", "standby")
+KINDS = ("promote", "rollback", "failover")
+LOG_NAME = "releases.jsonl"
+_DIGEST_RE = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    id: str
+    time: str
+    epoch: float
+    channel: str
+    name: str
+    version: str
+    digest: str
+    who: str
+    why: str
+    kind: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict, where: str = "release") -> Release:
+        if not isinstance(doc, dict):
+            raise RegistryError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(fields - doc.keys())
+        if missing:
+            raise RegistryError(f"{where}: release entry lacks {', '.join(missing)}")
+        r = cls(**{k: doc[k] for k in fields})
+        if r.channel not in CHANNELS or r.kind not in KINDS or not isinstance(r.epoch, (int, float)):
+            raise RegistryError(f"{where}: release entry has channel={r.channel!r} kind={r.kind!r} "
+                                f"epoch={r.epoch!r}; expected channel in {CHANNELS}, kind in {KINDS}")
+        return r
+
+
+def default_who() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BundleStore(Protocol):
+    """Where archives live. The local directory is the one implementation; an object store could follow."""
+
+    def put(self, digest: str, archive: Path, manifest: dict) -> Path: ...
+    def path(self, digest: str) -> Path | None: ...
+    def manifest(self, digest: str) -> dict | None: ...
+    def digests(self) -> list[str]: ...
+
+
+class LocalBundleStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def put(self, digest: str, archive: Path, manifest: dict) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._write(self.root / f"{digest}.json", canonical_json(manifest))
+        dest = self.root / f"{digest}.fdb"
+        self._write(dest, Path(archive).read_bytes())
+        _fsync_dir(self.root)
+        return dest
+
+    @staticmethod
+    def _write(target: Path, data: bytes) -> None:
+        if target.is_file() and target.read_bytes() == data:
+            return
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+
+    def path(self, digest: str) -> Path | None:
+        p = self.root / f"{digest}.fdb"
+        return p if p.is_file() else None
+
+    def manifest(self, digest: str) -> dict | None:
+        p = self.root / f"{digest}.json"
+        return orjson.loads(p.read_bytes()) if p.is_file() else None
+
+    def digests(self) -> list[str]:
+        return sorted(p.stem for p in self.root.glob("*.fdb")) if self.root.is_dir() else []
+
+
+class ReleaseLog:
+    """Append-only JSON lines; each append is fsync'd. A torn last line (crash mid-write) is dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def read(self) -> list[Release]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        lines = data.split(b"\n")
+        lines.pop()  # after the last newline: empty, or a write torn by a crash
+        out = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise RegistryError(f"release log {self.path} line {number} is not JSON ({exc}); fix: restore the "
+                                    f"file from backup; never edit the release log by hand") from None
+            out.append(Release.from_dict(doc, f"release log {self.path} line {number}"))
+        return out
+
+    def append(self, releases: list[Release]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        with open(self.path, "ab+") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":  # drop a torn tail left by a crash
+                    fh.seek(0)
+                    data = fh.read()
+                    fh.truncate(data.rfind(b"\n") + 1)
+                    fh.seek(0, os.SEEK_END)
+            fh.write(b"".join(orjson.dumps(r.to_dict()) + b"\n" for r in releases))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if created:
+            _fsync_dir(self.path.parent)
+
+
+class Registry:
+    def __init__(self, path: Path, *, store: BundleStore | None = None, unpack_dir: Path | None = None) -> None:
+        self.path = Path(path)
+        self.store: BundleStore = store or LocalBundleStore(self.path / "bundles")
+        self.unpack_dir = Path(unpack_dir) if unpack_dir else self.path / "unpacked"
+        self.log = ReleaseLog(self.path / LOG_NAME)
+
+    def __repr__(self) -> str:
+        return f"<Registry {self.path}>"
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    # -- bundles ---------------------------------------------------------------------------
+
+    def add(self, bundle_archive: Path) -> str:
+        """Verify the archive and store it; returns its digest. Idempotent."""
+        archive = Path(bundle_archive)
+        if archive.is_dir():
+            raise RegistryError(f"registry {self.path}: {archive} is a directory; the registry stores archives; "
+                                f"fix: `failoverd bundle build {archive} --out DIR` and add the .fdb")
+        try:
+            bundle = open_bundle(archive, self.unpack_dir)
+        except BundleError as exc:
+            raise RegistryError(f"registry {self.path}: refusing to add {archive}: {exc}") from exc
+        with self._locked():
+            for digest in self.store.digests():
+                m = self.store.manifest(digest) or {}
+                b = m.get("bundle", {})
+                if digest != bundle.digest and (b.get("name"), b.get("version")) == (bundle.name, bundle.version):
+                    raise RegistryError(
+                        f"registry {self.path}: refusing to add {archive}: {bundle.ref} is already stored with "
+                        f"digest {digest[:12]}, and this archive has different content (digest {bundle.digest[:12]}); "
+                        f"fix: bump [bundle] version in bundle.toml and rebuild: a name@version names one bundle")
+            self.store.put(bundle.digest, archive, bundle.manifest)
+        return bundle.digest
+
+    def find(self, name: str, version: str) -> str:
+        for digest in self.store.digests():
+            b = (self.store.manifest(digest) or {}).get("bundle", {})
+            if (b.get("name"), b.get("version")) == (name, version):
+                return digest
+        known = sorted({self._ref_of(d) for d in self.store.digests()})
+        raise RegistryError(f"registry {self.path}: no bundle {name}@{version} (stored: {', '.join(known) or 'none'}); "
+                            f"fix: add it with `failoverd release promote {name}@{version} --bundle PATH ...`")
+
+    def resolve(self, ref: str) -> str:
+        """Digest of ``name@version``, a full digest, or an unambiguous digest prefix (8+ hex chars)."""
+        if "@" in ref:
+            name, version = ref.rsplit("@", 1)
+            return self.find(name, version)
+        if _DIGEST_RE.match(ref):
+            matches = [d for d in self.store.digests() if d.startswith(ref)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise RegistryError(f"registry {self.path}: digest prefix {ref} is ambiguous; give more digits")
+            raise RegistryError(f"registry {self.path}: no bundle with digest {ref}; fix: add it first "
+                                f"(`--bundle PATH`) or check `failoverd release status`")
+        raise RegistryError(f"registry {self.path}: {ref!r} is neither NAME@VERSION nor a digest")
+
+    def bundle_path(self, digest: str) -> Path:
+        p = self.store.path(digest)
+        if p is None:
+            raise RegistryError(f"registry {self.path}: bundle {digest[:12]} is not stored here; fix: add its "
+                                f"archive (`failoverd release promote ... --bundle PATH`)")
+        return p
+
+    def open(self, digest: str) -> Bundle:
+        """The stored bundle, verified and unpacked (BundleError/IntegrityError if it does not verify)."""
+        return open_bundle(self.bundle_path(digest), self.unpack_dir, expect_digest=digest)
+
+    def _ref_of(self, digest: str) -> str:
+        b = (self.store.manifest(digest) or {}).get("bundle", {})
+        return f"{b.get('name')}@{b.get('version')}"
+
+    # -- releases --------------------------------------------------------------------------
+
+    def _ordered(self) -> list[Release]:
+        entries = self.log.read()
+        return [r for _, r in sorted(enumerate(entries), key=lambda ir: (ir[1].epoch, ir[0]))]
+
+    def status(self) -> dict[str, Release | None]:
+        current: dict[str, Release | None] = {c: None for c in CHANNELS}
+        for r in self._ordered():
+            current[r.channel] = r
+        return current
+
+    def history(self, at: datetime.datetime | None = None):
+        """Every release in time order; with ``at``, the release active at that moment (or None)."""
+        entries = self._ordered()
+        if at is None:
+            return entries
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=datetime.UTC)
+        t = at.timestamp()
+        active = None
+        for r in entries:
+            if r.epoch > t:
+                break
+            if r.channel == "active":
+                active = r
+        return active
+
+    def _verified(self, digest: str, action: str) -> Bundle:
+        """The bundle, after re-hashing the stored archive itself (not only its unpacked cache)."""
+        try:
+            verify_path(self.bundle_path(digest))
+            return self.open(digest)
+        except BundleError as exc:
+            raise RegistryError(f"registry {self.path}: refusing to {action} {self._ref_of(digest)}: {exc}") from exc
+
+    def _append(self, channel: str, bundle: Bundle, reason: str, who: str | None, kind: str) -> Release:
+        last = max((r.epoch for r in self.log.read()), default=0.0)
+        epoch = max(time.time(), last + 1e-6)  # strictly increasing even if the clock steps back
+        release = Release(id=uuid.uuid4().hex, time=_iso(epoch), epoch=epoch, channel=channel, name=bundle.name,
+                          version=bundle.version, digest=bundle.digest, who=who or default_who(), why=reason,
+                          kind=kind)
+        self.log.append([release])
+        return release
+
+    @staticmethod
+    def _check_args(channel: str, reason: str | None, kind: str) -> None:
+        if channel not in CHANNELS:
+            raise RegistryError(f"unknown channel {channel!r}; use one of {', '.join(CHANNELS)}")
+        if kind not in KINDS:
+            raise RegistryError(f"unknown release kind {kind!r}; use one of {', '.join(KINDS)}")
+        if not reason or not reason.strip():
+            raise RegistryError("a release needs a reason (--reason TEXT): the log says why every change was made")
+
+    def promote(self, ref: str, channel: str, reason: str, who: str | None = None, kind: str = "promote", *,
+                check_schemas: bool = True) -> Release:
+        """Put the bundle ``ref`` (name@version or digest) on ``channel``; returns the log entry.
+
+        Promoting what a channel already holds writes nothing and returns the current entry.
+        """
+        self._check_args(channel, reason, kind)
+        with self._locked():
+            digest = self.resolve(ref)
+            bundle = self._verified(digest, "promote")
+            current = self.status()
+            if current[channel] is not None and current[channel].digest == digest:
+                return current[channel]
+            active = current["active"]
+            if check_schemas and kind == "promote" and active is not None and active.digest != digest:
+                try:
+                    serving = self.open(active.digest)
+                except (BundleError, RegistryError) as exc:
+                    raise RegistryError(f"registry {self.path}: cannot check {bundle.ref} against the active release "
+                                        f"{active.ref}, whose bundle is unavailable: {exc}") from exc
+                problems = compat.incompatibilities(serving.input_schema, serving.output_schema,
+                                                    bundle.input_schema, bundle.output_schema)
+                if problems:
+                    raise RegistryError(
+                        f"registry {self.path}: refusing to promote {bundle.ref} to {channel}: its schemas are "
+                        f"incompatible with the active release {active.ref}:\n  " + "\n  ".join(problems)
+                        + "\nfix: keep the new schemas compatible (docs/bundles.md#compatibility), or promote with "
+                          "--allow-incompatible-schema once the topic and its consumers have been migrated")
+            return self._append(channel, bundle, reason, who, kind)
+
+    def rollback(self, to: str | None = None, reason: str | None = None, who: str | None = None,
+                 channel: str = "active") -> Release:
+        """Return ``channel`` to ``to``, by default to the release it held before the current one."""
+        self._check_args(channel, reason, "rollback")
+        with self._locked():
+            entries = [r for r in self._ordered() if r.channel == channel]
+            if not entries:
+                raise RegistryError(f"registry {self.path}: nothing to roll back: channel {channel} "
+                                    f"never had a release")
+            current = entries[-1]
+            if to is None:
+                previous = [r for r in entries if r.digest != current.digest]
+                if not previous:
+                    raise RegistryError(f"registry {self.path}: nothing to roll back to: {current.ref} is the only "
+                                        f"release channel {channel} ever had; fix: promote another bundle instead")
+                digest = previous[-1].digest
+            else:
+                digest = self.resolve(to)
+                if not any(r.digest == digest for r in entries):
+                    raise RegistryError(f"registry {self.path}: cannot roll back to {to}: it was never on channel "
+                                        f"{channel}; fix: use `failoverd release promote` for a new release")
+                if digest == current.digest:
+                    raise RegistryError(f"registry {self.path}: {to} is already on channel {channel}; nothing to do")
+            bundle = self._verified(digest, "roll back to")
+            return self._append(channel, bundle, reason, who, "rollback")
+
+    # -- agreement with the control topic ----------------------------------------------------
+
+    def apply_events(self, events: Iterable[dict]) -> list[Release]:
+        """Append the release events (from the control topic) this log does not have yet; returns them."""
+        with self._locked():
+            known = {r.id for r in self.log.read()}
+            new: dict[str, Release] = {}
+            for event in events:
+                if not isinstance(event, dict) or event.get("type") != "release":
+                    continue
+                doc = {k: v for k, v in event.items() if k != "type"}
+                r = Release.from_dict(doc, "control topic release event")
+                if r.id not in known:
+                    new[r.id] = r
+            ordered = sorted(new.values(), key=lambda r: (r.epoch, r.id))
+            if ordered:
+                self.log.append(ordered)
+            return ordered
+
+    async def sync_from_topic(self, kafka: str | dict, topic: str, timeout: float = 30.0) -> list[Release]:
+        """Read the control topic to its end and append the releases missing here."""
+        from daemon.control import ControlReader
+
+        async with ControlReader(kafka, topic, timeout=timeout) as reader:
+            return self.apply_events(reader.release_events())
