@@ -1,5 +1,5 @@
 """The application: the only module that wires config, registry, workers, engine, failover
-controller, metrics, admin API and systemd notifications together."""
+controller, control topic, metrics, admin API and systemd notifications together."""
 
 from __future__ import annotations
 
@@ -38,12 +38,64 @@ def resolve_bundles(settings, active_bundle: Path | None, standby_bundle: Path |
     return a, s
 
 
+class AppControl:
+    """What the admin API sees of the running daemon (daemon.admin.Controller)."""
+
+    def __init__(self, app: "App") -> None:
+        self.app = app
+
+    def healthy(self) -> bool:
+        task = self.app.engine_task
+        return task is not None and not task.done()
+
+    def ready(self) -> tuple[bool, str]:
+        if self.app.engine is None:
+            return False, "starting"
+        return self.app.engine.ready()
+
+    def status(self) -> dict:
+        engine, controller = self.app.engine, self.app.controller
+        doc = engine.status() if engine else {"starting": True}
+        doc["standby_mode"] = self.app.settings.failover.standby_mode
+        doc["standby_ready"] = bool(engine and engine.standby is not None and not getattr(engine.standby.worker, "dead", False))
+        doc["failovers"] = controller.recent() if controller else []
+        doc["ready"], doc["ready_reason"] = self.ready()
+        return doc
+
+    async def request_failover(self, reason: str) -> dict:
+        self.app.controller.request(reason)
+        return {"accepted": True, "reason": reason,
+                "note": "handled at the next loop iteration of this instance"}
+
+    async def _registry_change(self, fn, event_extra: dict | None = None) -> dict:
+        from daemon import control
+
+        release = await asyncio.to_thread(fn)
+        event = dict(control.release_event(release), **(event_extra or {}))
+        await control.publish(self.app.settings.kafka.client_kwargs(), self.app.settings.registry.control_topic, event)
+        return {"accepted": True, "release": release.to_dict(),
+                "note": "takes effect at the next checkpoint boundary on every instance"}
+
+    async def request_promote(self, ref: str, channel: str, reason: str) -> dict:
+        from daemon.registry import Registry
+
+        registry = Registry(self.app.settings.registry.path)
+        return await self._registry_change(lambda: registry.promote(ref, channel, reason))
+
+    async def request_rollback(self, to: str | None, reason: str, rescore: bool) -> dict:
+        from daemon.registry import Registry
+
+        registry = Registry(self.app.settings.registry.path)
+        return await self._registry_change(lambda: registry.rollback(to, reason), {"rescore": rescore})
+
+
 class App:
     def __init__(self, settings, *, active_bundle: Path | None = None, standby_bundle: Path | None = None) -> None:
         self.settings = settings
         self.active_bundle = active_bundle
         self.standby_bundle = standby_bundle
         self.engine: Engine | None = None
+        self.engine_task: asyncio.Task | None = None
         self.controller = None
         self._signals = 0
 
@@ -60,31 +112,57 @@ class App:
             log.error("second signal: forcing exit", extra={"signal": signame})
             os._exit(130)
         log.info("stopping", extra={"signal": signame})
+        self.notifier.stopping()
         if self.engine is not None:
             self.engine.stop()
 
     async def run(self) -> int:
+        from daemon.admin import AdminServer, load_token
+        from daemon.coordination import ControlWatcher, ReleaseRecorder
         from daemon.failover.controller import FailoverController
+        from daemon.sdnotify import Notifier, watchdog_loop
 
         s = self.settings
-        a_path, s_path = resolve_bundles(s, self.active_bundle, self.standby_bundle)
-        active = await self._load(a_path, "active")
-        standby = None
-        if s_path is not None and s.failover.standby_mode in ("hot", "warm"):
-            standby = await self._load(s_path, "standby")
-        self.controller = FailoverController(s, loader=self._load, standby_path=s_path)
-        self.engine = Engine(s, active=active, standby=standby, on_failure=self.controller.handle,
-                             observers=[self.controller.observe])
-        self.controller.attach(self.engine)
+        self.notifier = Notifier.from_env()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig.name)
-        servers = await self._start_servers()
+        token = load_token(s.admin.token_file, s.admin.token_env)
+        admin = AdminServer(s.admin.bind, AppControl(self), token)
+        await admin.start()
+        stops = [admin.stop, *self._start_metrics()]
+        background: list[asyncio.Task] = []
         try:
+            self.notifier.status("loading releases")
+            a_path, s_path = resolve_bundles(s, self.active_bundle, self.standby_bundle)
+            active = await self._load(a_path, "active")
+            standby = None
+            if s_path is not None and s.failover.standby_mode in ("hot", "warm"):
+                standby = await self._load(s_path, "standby")
+            recorder = ReleaseRecorder(s)
+            self.controller = FailoverController(s, loader=self._load, standby_path=s_path,
+                                                 recorder=recorder.record_failover)
+            self.engine = Engine(s, active=active, standby=standby, on_failure=self.controller.handle,
+                                 observers=[self.controller.observe])
+            self.engine.on_change = self.controller.apply_change
+            self.controller.attach(self.engine)
+            self.notifier.status("joining the consumer group and restoring state")
             await self.engine.start()
-            await self.engine.run()
+            watcher = ControlWatcher(s, self.engine, self.controller)
+            background.append(asyncio.create_task(watcher.follow(), name="control-watcher"))
+            background.append(asyncio.create_task(self._notify_ready(), name="sd-ready"))
+            stop_watchdog = asyncio.Event()
+            background.append(asyncio.create_task(
+                watchdog_loop(self.notifier, lambda: AppControl(self).healthy() and not self.engine.paused,
+                              stop_watchdog), name="sd-watchdog"))
+            self.engine_task = asyncio.create_task(self.engine.run(), name="engine")
+            await self.engine_task
         finally:
-            for stop in servers:
+            self.notifier.stopping()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            for stop in stops:
                 try:
                     await stop()
                 except Exception:  # noqa: BLE001
@@ -94,17 +172,30 @@ class App:
             return 1
         return 0
 
-    async def _start_servers(self) -> list:
-        stops = []
+    async def _notify_ready(self) -> None:
+        """READY=1 once partitions are assigned and state restored; STATUS= lines on changes."""
+        last, sent_ready = None, False
+        while True:
+            ok, why = self.engine.ready()
+            text = "processing" if ok else why
+            if text != last:
+                self.notifier.status(text)
+                last = text
+            if ok and not sent_ready:
+                self.notifier.ready()
+                sent_ready = True
+            await asyncio.sleep(0.2)
+
+    def _start_metrics(self) -> list:
         port = self.settings.metrics.port
-        if port:
-            from prometheus_client import start_http_server
+        if not port:
+            return []
+        from prometheus_client import start_http_server
 
-            server, thread = start_http_server(port, addr="127.0.0.1" if self.settings.admin.bind.startswith("127.")
-                                               else "0.0.0.0", registry=m.REGISTRY)
+        host = self.settings.admin.bind.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+        server, _thread = start_http_server(port, addr=host, registry=m.REGISTRY)
 
-            async def stop_metrics() -> None:
-                server.shutdown()
+        async def stop_metrics() -> None:
+            server.shutdown()
 
-            stops.append(stop_metrics)
-        return stops
+        return [stop_metrics]

@@ -14,6 +14,14 @@ from tests import kafkatools
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def write_config(path: Path, *, bootstrap: str, names: dict, state_dir: Path, registry: Path | None = None,
                  group: str, app: str, extra: dict | None = None, instance_id: str | None = None,
                  metrics_port: int = 0) -> Path:
@@ -29,6 +37,7 @@ def write_config(path: Path, *, bootstrap: str, names: dict, state_dir: Path, re
         "registry": {"path": str(registry or state_dir / "registry"), "control_topic": names.get("control", "unused-control")},
         "worker": {"predict_timeout_ms": 2000, "start_timeout_ms": 60000, "max_batch_records": 500},
         "metrics": {"port": metrics_port},
+        "admin": {"bind": f"127.0.0.1:{free_port()}"},
     }
     if instance_id:
         sections["kafka"]["group_instance_id"] = instance_id
@@ -51,7 +60,7 @@ def write_config(path: Path, *, bootstrap: str, names: dict, state_dir: Path, re
     return path
 
 
-async def make_topics(bootstrap: str, prefix: str, partitions: int = 2, control: bool = False) -> dict:
+async def make_topics(bootstrap: str, prefix: str, partitions: int = 2, control: bool = True) -> dict:
     names = {role: kafkatools.unique(f"{prefix}-{role}") for role in ("input", "output", "dlq", "changelog", "checkpoint")}
     if control:
         names["control"] = kafkatools.unique(f"{prefix}-control")
@@ -69,6 +78,24 @@ class DaemonProc:
         self.args = args
         self.log_path = log
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def admin_url(self) -> str:
+        import tomllib
+
+        return "http://" + tomllib.loads(self.config.read_text())["admin"]["bind"]
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.admin_url + path, timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except OSError:
+            return 0, b""
 
     def start(self) -> "DaemonProc":
         self._log = open(self.log_path, "ab")

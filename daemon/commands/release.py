@@ -49,6 +49,9 @@ def register(sub) -> None:
     q = rsub.add_parser("rollback", help="return the active channel to an earlier release")
     q.add_argument("--to", metavar="NAME@VERSION", help="target (default: the release active before the current one)")
     q.add_argument("--reason", required=True)
+    q.add_argument("--rescore", action="store_true",
+                   help="also re-run the inputs the rolled-back release handled through the restored one and "
+                        "write the results as corrections (header fd.correction)")
     q.add_argument("--who", help="who makes the change (default user@host)")
     common(q, publishes=True)
     q.set_defaults(func=run_rollback)
@@ -116,7 +119,7 @@ def _kafka_target(args) -> tuple[dict | None, str | None, str]:
     return kwargs, topic, ""
 
 
-def _publish(args, release) -> None:
+def _publish(args, release, extra: dict | None = None) -> None:
     if args.no_publish:
         return
     kwargs, topic, why_not = _kafka_target(args)
@@ -126,7 +129,7 @@ def _publish(args, release) -> None:
     from daemon.control import publish, release_event
 
     try:
-        asyncio.run(publish(kwargs, topic, release_event(release), timeout=PUBLISH_TIMEOUT))
+        asyncio.run(publish(kwargs, topic, dict(release_event(release), **(extra or {})), timeout=PUBLISH_TIMEOUT))
     except ControlTopicError as exc:
         print(f"warning: recorded in the release log but NOT published, so running daemons do not know yet: {exc}\n"
               f"fix: re-run the same command once the broker is reachable (it is idempotent)", file=sys.stderr)
@@ -160,7 +163,7 @@ def run_rollback(args) -> int:
     registry = _registry(args)
     release = registry.rollback(args.to, args.reason, who=args.who)
     print(f"rolled back {release.channel} to {release.ref} ({release.digest[:12]})")
-    _publish(args, release)
+    _publish(args, release, {"rescore": True} if args.rescore else None)
     return 0
 
 

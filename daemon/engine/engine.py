@@ -56,6 +56,8 @@ class Engine:
         self.observers = observers or []
         self.after_checkpoint: list[Callable[["Engine"], None]] = []
         self.pending_failure: ReleaseFailure | None = None
+        self.pending_change: dict | None = None
+        self.on_change: Callable[["Engine", dict], Awaitable[None]] | None = None
         self.shadow = settings.failover.standby_mode == "hot"
         self.agreement = [0, 0]  # [equal, compared] outputs of the hot standby vs the active
         self.eos = bool(settings.checkpoint.exactly_once)
@@ -133,6 +135,10 @@ class Engine:
                         await self._handle(data)
                     if self.policy.due():
                         await self.checkpoint()
+                    if self.pending_change is not None and self.on_change is not None:
+                        change, self.pending_change = self.pending_change, None
+                        await self.checkpoint()  # a release change takes effect at a checkpoint boundary
+                        await self.on_change(self, change)
                     self._update_lag()
         finally:
             await self.close()

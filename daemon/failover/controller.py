@@ -31,7 +31,7 @@ from daemon.failover.signals import HealthMonitor
 
 log = logging.getLogger("failoverd.failover")
 
-Recorder = Callable[[dict], Awaitable[None]]
+Recorder = Callable[[dict, Path], Awaitable[None]]
 
 
 class FailoverController:
@@ -123,10 +123,57 @@ class FailoverController:
         log.error("FAILOVER", extra={"from": old.ref, "to": standby.ref, "reason": reason,
                                      "replayed": engine.last_replay, "detail": detail})
         if self.recorder is not None:
-            self._spawn(self.recorder({k: v for k, v in event.items() if not k.startswith("_")}))
+            self._spawn(self.recorder({k: v for k, v in event.items() if not k.startswith("_")}, standby.bundle_path))
         if self.failback:
             self._spawn(self._failback_later(engine, old.bundle_path))
         return True
+
+    async def apply_change(self, engine, change: dict) -> None:
+        """Make the loaded releases match the desired ones (promote, rollback, another instance's
+        failover). Runs at a checkpoint boundary, under the engine lock."""
+        want_active, want_standby = change.get("active"), change.get("standby")
+        try:
+            if want_active and want_active != engine.active.digest:
+                if engine.standby is not None and engine.standby.digest == want_active:
+                    new, engine.standby = engine.standby, None
+                else:
+                    new = await self.loader(self.bundle_path(want_active), "active")
+                old = engine.active
+                new.channel = "active"
+                engine.active = new
+                engine.agreement = [0, 0]
+                self.monitor.reset()
+                if old.digest == want_standby and self.mode in ("hot", "warm") and engine.standby is None:
+                    old.channel = "standby"
+                    engine.standby = old
+                else:
+                    await old.worker.close(timeout=2.0)
+                self.events.append({"kind": change.get("kind") or "release", "from": old.describe(),
+                                    "to": new.describe(), "time": time.time(), "instance": engine.instance_id})
+                log.warning("release switched", extra={"from": old.ref, "to": new.ref, "kind": change.get("kind")})
+                if engine.paused:
+                    self.resume(engine)
+            current_standby = engine.standby.digest if engine.standby is not None else None
+            if want_standby and want_standby not in (current_standby, engine.active.digest):
+                path = self.bundle_path(want_standby)
+                self.standby_path = path
+                if self.mode in ("hot", "warm"):
+                    fresh = await self.loader(path, "standby")
+                    if engine.standby is not None:
+                        await engine.standby.worker.close(timeout=2.0)
+                    engine.standby = fresh
+                    log.info("standby loaded", extra={"release": fresh.ref})
+                    if engine.paused and self.pause_kind == "no_standby":
+                        await self.failover(engine, "standby_available", f"{fresh.ref} promoted to standby")
+        except Exception as exc:  # noqa: BLE001 - a bad promotion must not take the daemon down
+            log.error("could not apply the release change; keeping the current releases",
+                      extra={"change": {k: v for k, v in change.items() if k != "rescore"}, "error": str(exc)})
+        engine._publish_release_info()
+
+    def bundle_path(self, digest: str) -> Path:
+        from daemon.registry import Registry
+
+        return Registry(self.settings.registry.path).bundle_path(digest)
 
     def _after_checkpoint(self, engine) -> None:
         ev = self._open_event
