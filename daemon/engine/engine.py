@@ -57,6 +57,7 @@ class Engine:
         self.after_checkpoint: list[Callable[["Engine"], None]] = []
         self.pending_failure: ReleaseFailure | None = None
         self.pending_change: dict | None = None
+        self.checkpoint_asap = False  # after a failover: commit the first replayed batch at once
         self.on_change: Callable[["Engine", dict], Awaitable[None]] | None = None
         self.shadow = settings.failover.standby_mode == "hot"
         self.agreement = [0, 0]  # [equal, compared] outputs of the hot standby vs the active
@@ -74,6 +75,7 @@ class Engine:
         self.last_checkpoint: float | None = None
         self.replayed_total = 0
         self.last_replay = 0
+        self.failed_at = 0.0
         self.consumer: AIOKafkaConsumer | None = None
         self.restorer: AIOKafkaConsumer | None = None
         self.shared_producer: AIOKafkaProducer | None = None
@@ -133,7 +135,8 @@ class Engine:
                         continue
                     if data and not self.paused:
                         await self._handle(data)
-                    if self.policy.due():
+                    if self.policy.due() or (self.checkpoint_asap and self.policy.records):
+                        self.checkpoint_asap = False
                         await self.checkpoint()
                     if self.pending_change is not None and self.on_change is not None:
                         change, self.pending_change = self.pending_change, None
@@ -596,6 +599,7 @@ class Engine:
     # ---- failures -------------------------------------------------------------------------------
     async def _release_failed(self, exc: ReleaseFailure) -> bool:
         """Abort the open interval; let the failure handler decide. True = process again."""
+        self.failed_at = time.monotonic()  # a failover's duration counts from here
         m.MODEL_ERRORS.labels(self.active.channel, exc.reason).inc()
         log.error("release failed", extra={"release": self.active.ref, "reason": exc.reason, "error": str(exc)})
         self.last_replay = await self.rewind_all()

@@ -86,7 +86,7 @@ class FailoverController:
 
     # ---- the switch ------------------------------------------------------------------------
     async def failover(self, engine, reason: str, detail: str) -> bool:
-        t0 = time.monotonic()
+        t0 = engine.failed_at or time.monotonic()
         blocked = self.policy.check()
         if blocked is not None:
             self.pause(engine, blocked, cap=True)
@@ -118,6 +118,7 @@ class FailoverController:
                  "replayed": engine.last_replay, "duration_s": None, "_t0": t0}
         self.events.append(event)
         self._open_event = event
+        engine.checkpoint_asap = True
         m.FAILOVERS.labels(reason).inc()
         engine._publish_release_info()
         log.error("FAILOVER", extra={"from": old.ref, "to": standby.ref, "reason": reason,
