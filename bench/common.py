@@ -58,6 +58,9 @@ def transaction(rng: random.Random, card: int, seq: int) -> tuple[bytes, bytes]:
         "ip": f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}",
         "country": rng.choice(["DE", "FR", "NL", "ES", "IT"]),
         "ts": 1717000000000 + seq * 7,
+        "channel": rng.choice(["card-present", "e-commerce", "contactless", "recurring"]),
+        "mcc": rng.choice(["5411", "5541", "5732", "4511", "5912"]),
+        "auth": f"{rng.getrandbits(32):08x}",
     }
     return card_id.encode(), orjson.dumps(value)
 

@@ -26,6 +26,11 @@ from pathlib import Path
 from daemon.errors import BrokerError
 
 DEFAULT_PORT = 9092
+"""The local broker's client port; ``FAILOVERD_KAFKA_PORT`` changes what ``failoverd kafka`` uses by default."""
+
+
+def default_port() -> int:
+    return int(os.environ.get("FAILOVERD_KAFKA_PORT") or DEFAULT_PORT)
 CONTROLLER_PORT_OFFSET = 1
 
 

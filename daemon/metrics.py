@@ -59,3 +59,30 @@ MODEL_ERRORS = Counter("failoverd_model_errors", "Model failures by kind", ["cha
                        registry=REGISTRY)
 READY = Gauge("failoverd_ready", "1 when partitions are assigned, state restored and a release loaded",
               registry=REGISTRY)
+
+
+FAILOVER_REASONS = ("worker_crashed", "predict_timeout", "exception_rate", "latency_slo", "output_invalid",
+                    "manual", "standby_available")
+MODEL_ERROR_REASONS = ("worker_crashed", "predict_timeout", "exception", "exception_rate", "latency_slo",
+                       "output_invalid", "manual")
+DLQ_REASONS = ("bad_json", "schema", "oversized", "model_error", "output_schema")
+
+
+def init_labels() -> None:
+    """Create every bounded label combination at 0, so rate()/increase() see a reason's first event."""
+    for reason in FAILOVER_REASONS:
+        FAILOVERS.labels(reason)
+    for reason in ("fenced", "error"):
+        CHECKPOINT_ABORTS.labels(reason)
+    for channel in ("active", "standby"):
+        for reason in MODEL_ERROR_REASONS:
+            MODEL_ERRORS.labels(channel, reason)
+        PREDICT_SECONDS.labels(channel)
+
+
+def init_partition_labels(topic: str, partition: int) -> None:
+    p = str(partition)
+    RECORDS_IN.labels(topic, p)
+    RECORDS_OUT.labels(topic, p)
+    for reason in DLQ_REASONS:
+        RECORDS_DEAD_LETTERED.labels(topic, p, reason)

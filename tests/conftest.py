@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
     """Bootstrap address of the local broker; starts it through the same command users run."""
-    port = os.environ.get("FAILOVERD_TEST_KAFKA_PORT", "9092")
+    port = os.environ.get("FAILOVERD_TEST_KAFKA_PORT") or os.environ.get("FAILOVERD_KAFKA_PORT") or "9092"
     proc = subprocess.run([sys.executable, "-m", "daemon", "kafka", "up", "--port", port],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:

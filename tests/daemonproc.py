@@ -73,7 +73,8 @@ async def make_topics(bootstrap: str, prefix: str, partitions: int = 2, control:
 
 
 class DaemonProc:
-    def __init__(self, config: Path, *args: str, log: Path) -> None:
+    def __init__(self, config: Path, *args: str, log: Path, env: dict | None = None) -> None:
+        self.extra_env = env or {}
         self.config = config
         self.args = args
         self.log_path = log
@@ -99,7 +100,7 @@ class DaemonProc:
 
     def start(self) -> "DaemonProc":
         self._log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "--log-level", "info", "run",
                                       "--config", str(self.config), *self.args],
                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env,

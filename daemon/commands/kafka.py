@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from daemon.kafka_local import DEFAULT_PORT, LocalBroker, find_repo_root
+from daemon.kafka_local import LocalBroker, default_port, find_repo_root
 
 
 def register(sub) -> None:
@@ -12,7 +12,8 @@ def register(sub) -> None:
                        description="Manage a single-node Apache Kafka (KRaft) broker on 127.0.0.1, "
                                    "fetched from Maven Central; data under .local/kafka/.")
     p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="client port (controller uses port+1)")
+    p.add_argument("--port", type=int, default=default_port(),
+                   help="client port, controller uses port+1 (default %(default)s; env FAILOVERD_KAFKA_PORT)")
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=run)
 

@@ -90,6 +90,7 @@ class Engine:
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         k = self.s.kafka
+        m.init_labels()
         self.restorer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, isolation_level="read_committed",
                                          auto_offset_reset="earliest", **self._common)
         await self.restorer.start()
@@ -249,6 +250,7 @@ class Engine:
 
     async def _open_partition(self, tp: TopicPartition) -> Partition:
         self.restoring[tp] = -1
+        m.init_partition_labels(tp.topic, tp.partition)
         producer = await self._new_producer(tp)
         store = StateStore(store_path(self._state_dir, tp))
         try:

@@ -14,7 +14,7 @@ from tests.daemonproc import DaemonProc, make_topics, write_config
 from tests.integration.test_engine import _count_committed, _input_positions
 
 FAST_FAILOVER = {"cooldown_ms": 0, "min_samples": 5, "error_window": 20, "error_rate_threshold": 0.5,
-                 "latency_p99_slo_ms": 250, "output_invalid_rate_threshold": 0.5}
+                 "latency_p99_slo_ms": 5000, "output_invalid_rate_threshold": 0.5}
 
 
 def with_faults(records: list, fault: str, at: int, count: int = 1) -> list:
@@ -90,16 +90,17 @@ async def run_fault(kafka_bootstrap, tmp_path, bundles, *, fault: str, count: in
     return names, d
 
 
-@pytest.mark.parametrize("fault,reason,count", [
-    ("crash", "worker_crashed", 1),
-    ("hang", "predict_timeout", 1),
-    ("raise", "exception_rate", 1),
-    ("slow", "latency_slo", 1),
-    ("bad_output", "output_invalid", 400),
+@pytest.mark.parametrize("fault,reason,count,extra", [
+    ("crash", "worker_crashed", 1, None),
+    ("hang", "predict_timeout", 1, None),
+    ("raise", "exception_rate", 1, None),
+    ("slow", "latency_slo", 1, {"latency_p99_slo_ms": 300}),  # one record sleeps 0.5 s
+    ("bad_output", "output_invalid", 400, None),
 ])
 async def test_fault_in_active_release_fails_over_exactly_once(kafka_bootstrap, tmp_path, example_bundles,
-                                                               fault, reason, count):
-    names, d = await run_fault(kafka_bootstrap, tmp_path, example_bundles, fault=fault, count=count)
+                                                               fault, reason, count, extra):
+    names, d = await run_fault(kafka_bootstrap, tmp_path, example_bundles, fault=fault, count=count,
+                               extra_failover=extra)
     log = d.log()
     assert re.search(rf"FAILOVER .*reason={reason}", log), log[-3000:]
     assert "failover complete" in log

@@ -1,0 +1,321 @@
+"""Chaos: 100,000 records through the real daemon while every kind of failure strikes at a random
+point; read back with ``read_committed``, every input is there exactly once.
+
+One stream, one daemon (supervised like systemd's ``Restart=on-failure``), 4 input partitions.
+The faults, in a random order at random points of the stream (the seed decides both):
+
+- ``worker_kill``  the test kill -9s the active model worker (v2)            -> failover, worker_crashed
+- ``crash``        a record makes v2 SIGKILL its own worker process          -> failover, worker_crashed
+- ``hang``         a record makes v2's predict hang                          -> failover, predict_timeout
+- ``raise``        an exception storm: 30 records across partitions raise    -> failover, exception_rate
+- ``slow``         a latency spike: 4 records of one partition take 0.5 s each -> failover, latency_slo
+- ``bad_output``   400 records across partitions get outputs that violate the output schema
+                                                                             -> failover, output_invalid
+- ``daemon_kill``  kill -9 of the daemon and its workers, then a restart (v2 active, v1 standby again)
+- ``broker_kill``  kill -9 of the broker, down for 0.5-3 s, restarted with ``failoverd kafka up``
+
+How several model faults fit in one stream: v2 (obeys "fault" fields) runs active, v1 (ignores
+them) standby, with ``failover.failback`` on. After a fault fails v2 over to v1, fail-back reloads
+v2 as the standby; before the next model fault the test kill -9s v1's worker, which fails the
+daemon back over to v2 (another real worker kill -9, reason worker_crashed), and fail-back reloads
+v1 as the standby. So every model fault hits a v2 that is active with a healthy standby, and the
+daemon goes through well over a dozen failovers in one run without a restart.
+
+The daemon must ride out the broker restart: we assert it never exits on its own. If it does,
+the supervisor records it and restarts it (as systemd would) so the exactly-once check still
+covers the whole stream, and the test fails naming the exit.
+
+Bounded replay: every ``FAILOVER ... replayed=N`` line of every daemon log has
+N <= interval_records x partitions + max_batch_records x partitions (the records since the last
+checkpoint: the policy checkpoints once ``interval_records`` are processed in total, one fetch
+returns at most ``max_batch_records``, and a partition is never rewound past its own checkpoint;
+counted per partition because a retried interval may have spread differently over partitions).
+
+``FAILOVERD_CHAOS_SEED=N`` reproduces a run's plan (fault order, points, fault partitions and
+broker downtime); the seed is printed at the start and in the terminal summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import signal
+
+import orjson
+import pytest
+
+from daemon.engine import headers as H
+from tests import kafkatools, streams
+from tests.chaos.chaoslib import Feeder, Progress, Supervisor, Timeline
+from tests.daemonproc import make_topics, write_config
+
+N_RECORDS = 100_000
+PARTITIONS = 4
+FEED_RATE = 2500  # records/s, a little above what the daemon does on 2 cores: a backlog builds up
+INTERVAL_RECORDS = 1000
+INTERVAL_MS = 200
+MAX_BATCH = 500
+REPLAY_BOUND = PARTITIONS * INTERVAL_RECORDS + PARTITIONS * MAX_BATCH
+
+V1, V2 = "fraud-scorer@1.0.0", "fraud-scorer@2.0.0"
+
+FAILOVER = {
+    "standby_mode": "warm", "cooldown_ms": 0, "max_failovers": 100, "window_ms": 600000,
+    "min_samples": 5, "error_window": 20, "error_rate_threshold": 0.5,
+    "latency_p99_slo_ms": 800, "output_invalid_rate_threshold": 0.5,
+    "failback": True, "failback_delay_ms": 300,
+}
+WORKER = {"predict_timeout_ms": 3000, "max_batch_records": MAX_BATCH}
+CHECKPOINT = {"interval_ms": INTERVAL_MS, "interval_records": INTERVAL_RECORDS}
+
+# fault -> (records carrying it, all in one partition?, the failover reason it must cause)
+DATA_FAULTS = {
+    "crash": (1, True, "worker_crashed"),
+    "hang": (1, True, "predict_timeout"),
+    "raise": (30, False, "exception_rate"),
+    "slow": (4, True, "latency_slo"),
+    "bad_output": (400, False, "output_invalid"),
+}
+FAULTS = ["worker_kill", *DATA_FAULTS, "daemon_kill", "broker_kill"]
+
+
+def plan_faults(rng: random.Random, n: int) -> list[tuple[int, str]]:
+    """Every fault once, shuffled, each at a random point of its own slice of the stream."""
+    kinds = list(FAULTS)
+    rng.shuffle(kinds)
+    lo, hi = int(0.04 * n), int(0.90 * n)
+    width = (hi - lo) // len(kinds)
+    return [(lo + k * width + rng.randrange(width // 10, width - width // 10), kind) for k, kind in enumerate(kinds)]
+
+
+class Chaos:
+    """Injects the planned faults into the running system and checks that each was answered."""
+
+    def __init__(self, *, sup: Supervisor, feeder: Feeder, broker, progress: Progress, rng: random.Random,
+                 plan: dict[int, str], timeline: Timeline, n_cards: int) -> None:
+        self.sup, self.feeder, self.broker, self.progress = sup, feeder, broker, progress
+        self.rng, self.plan, self.log, self.n_cards = rng, plan, timeline, n_cards
+        self.problems: list[str] = []
+        self.injected: list[str] = []
+        self.fault_seq = N_RECORDS
+
+    # ---- observing the daemon -----------------------------------------------------------
+    async def status(self, predicate, what: str, timeout: float = 60.0) -> dict:
+        async def check():
+            self.sup.poll()
+            st = await self.sup.status()
+            if st is None or "active" not in st or st.get("active") is None:
+                return None
+            if st.get("paused"):
+                raise AssertionError(f"daemon paused while waiting for {what}: {st.get('pause_reason')}")
+            return st if predicate(st) else None
+
+        return await kafkatools.wait_for(check, timeout=timeout, interval=0.2, what=what)
+
+    async def expect_failover(self, since: int, src: str, reason: str, what: str, timeout: float = 45.0) -> dict:
+        def new_failover():
+            self.sup.poll()
+            evs = self.sup.failovers()
+            return evs[since] if len(evs) > since else None
+
+        ev = await kafkatools.wait_for(new_failover, timeout=timeout, interval=0.2,
+                                       what=f"a failover after {what}")
+        self.log(f"   FAILOVER {ev['from']} -> {ev['to']} reason={ev['reason']} replayed={ev['replayed']}")
+        if ev["from"] != src or ev["reason"] != reason:
+            self.problems.append(f"{what}: expected a failover from {src} with reason {reason}, got {ev}")
+        return ev
+
+    async def ensure_v2_active(self) -> None:
+        """v2 active with v1 ready as standby; if v1 is active, kill -9 its worker to fail back to v2."""
+        st = await self.status(lambda s: s["active"]["name"] + "@" + s["active"]["version"] in (V1, V2),
+                               "an active release")
+        if _ref(st["active"]) == V1:
+            st = await self.status(lambda s: _ref(s["active"]) == V1 and s["standby_ready"]
+                                   and _ref(s["standby"]) == V2, "v2 back as standby (fail-back)")
+            since = len(self.sup.failovers())
+            pid = st["active"]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            self.log(f"   kill -9 of v1's worker (pid {pid}) to make v2 active again")
+            await self.expect_failover(since, V1, "worker_crashed", "kill -9 of v1's worker")
+        await self.status(lambda s: _ref(s["active"]) == V2 and s["standby_ready"] and _ref(s["standby"]) == V1,
+                          "v2 active with v1 ready as standby")
+
+    # ---- the faults ---------------------------------------------------------------------
+    async def inject(self, planned: int, at: int) -> None:
+        kind = self.plan[planned]
+        self.log(f"fault {kind} at record {at} (planned at {planned})")
+        try:
+            if kind in DATA_FAULTS:
+                await self.data_fault(kind)
+            elif kind == "worker_kill":
+                await self.worker_kill()
+            elif kind == "daemon_kill":
+                await self.daemon_kill()
+            elif kind == "broker_kill":
+                await self.broker_kill()
+            else:  # pragma: no cover
+                raise AssertionError(kind)
+            self.injected.append(kind)
+        except Exception as exc:
+            self.log(f"!! fault {kind} failed: {exc!r}")
+            raise
+
+    def fault_records(self, fault: str, n: int, partition: int | None) -> list[tuple[bytes, bytes]]:
+        out = []
+        for _ in range(n):
+            self.fault_seq += 1
+            key, raw = streams.transaction(self.rng, self.n_cards, self.fault_seq)
+            if partition is not None:  # distinct keys: records of one partition all in one predict wave
+                key = f"card-{fault}-{self.fault_seq}".encode()
+            v = orjson.loads(raw)
+            v["card_id"] = key.decode()
+            v["fault"] = fault
+            out.append((key, orjson.dumps(v)))
+        return out
+
+    async def data_fault(self, fault: str) -> None:
+        n, one_partition, reason = DATA_FAULTS[fault]
+        await self.ensure_v2_active()
+        partition = self.rng.randrange(PARTITIONS) if one_partition else None
+        records = self.fault_records(fault, n, partition)
+        since = len(self.sup.failovers())
+        async with self.feeder.lock:  # one contiguous burst
+            await self.feeder.send(records, partition=partition)
+        self.feeder.extra += len(records)
+        self.log(f"   {n} record(s) with fault={fault} sent" + (f" to partition {partition}" if partition is not None
+                                                                 else " across partitions"))
+        await self.expect_failover(since, V2, reason, f"fault={fault}")
+
+    async def worker_kill(self) -> None:
+        await self.ensure_v2_active()
+        st = await self.sup.status()
+        since = len(self.sup.failovers())
+        pid = st["active"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        self.log(f"   kill -9 of the active (v2) worker pid {pid}")
+        await self.expect_failover(since, V2, "worker_crashed", "kill -9 of the active worker")
+
+    async def daemon_kill(self) -> None:
+        self.sup.kill9()
+        self.sup.start()  # no await in between: the watchdog never sees it down
+        await self.status(lambda s: s.get("ready"), "the restarted daemon to be ready")
+        self.log("   restarted daemon is ready")
+
+    async def broker_kill(self) -> None:
+        daemon = self.sup.current
+        before = 0
+        async with self.feeder.lock:  # the feeder waits while the broker is down
+            before = await self.progress.total_committed()
+            pid = await self.broker.kill9()
+            down = self.rng.uniform(0.5, 3.0)
+            self.log(f"   kill -9 of the broker (pid {pid}); down for {down:.1f}s")
+            await asyncio.sleep(down)  # how long the broker stays down: part of the fault
+            self.log(f"   broker restarted: {await self.broker.up()}")
+        await kafkatools.wait_for(
+            lambda: self.sup.poll() and _more(self.progress.total_committed(), before), timeout=120, interval=0.5,
+            what="the daemon to commit new checkpoints after the broker restart")
+        if self.sup.current is not daemon:
+            self.problems.append("the daemon did not ride out the broker restart (see the exits)")
+        self.log("   daemon committed new checkpoints after the broker restart")
+
+
+async def _more(total, before: int) -> bool:
+    return (await total) > before
+
+
+def _ref(release: dict | None) -> str | None:
+    return f"{release['name']}@{release['version']}" if release else None
+
+
+@pytest.mark.timeout(600)
+async def test_chaos_100k_records_every_fault_exactly_once(kafka_bootstrap, broker, tmp_path, chaos_bundles,
+                                                          chaos_seed):
+    rng = random.Random(chaos_seed)
+    log = Timeline()
+    n_cards = 500
+    names = await make_topics(kafka_bootstrap, "chaos", partitions=PARTITIONS)
+    group = kafkatools.unique("g-chaos")
+    cfg = write_config(tmp_path / "failoverd.toml", bootstrap=kafka_bootstrap, names=names,
+                       state_dir=tmp_path / "state", group=group, app=kafkatools.unique("chaos"),
+                       instance_id="chaos-a",
+                       extra={"failover": FAILOVER, "worker": WORKER, "checkpoint": CHECKPOINT})
+    sup = Supervisor(cfg, ["--active-bundle", str(chaos_bundles["v2"]), "--standby-bundle",
+                           str(chaos_bundles["v1"])], tmp_path, log)
+    records = streams.transactions(N_RECORDS, seed=chaos_seed, n_cards=n_cards)
+    plan = plan_faults(rng, N_RECORDS)
+    log("plan: " + ", ".join(f"{kind}@{at}" for at, kind in plan))
+    progress = Progress(kafka_bootstrap, group, names["input"], PARTITIONS)
+    feeder = Feeder(kafka_bootstrap, names["input"], records, rate=FEED_RATE, points=[at for at, _ in plan])
+    chaos = Chaos(sup=sup, feeder=feeder, broker=broker, progress=progress, rng=rng, plan=dict(plan),
+                  timeline=log, n_cards=n_cards)
+    feeder.on_point = chaos.inject
+
+    async def watchdog():
+        while True:
+            sup.poll()
+            await asyncio.sleep(0.5)
+
+    sup.start()
+    watch = None
+    feed = None
+    try:
+        await chaos.status(lambda s: s.get("ready"), "the daemon to be ready", timeout=90)
+        watch = asyncio.create_task(watchdog())
+        feed = asyncio.create_task(feeder.run())
+        await asyncio.wait_for(asyncio.shield(feed), 420)
+        log(f"feeder done: {feeder.sent} records + {feeder.extra} fault records; faults: {chaos.injected}")
+        await kafkatools.wait_for(lambda: sup.poll() and progress.caught_up(), timeout=180, interval=1.0,
+                                  what="the daemon to commit every input")
+        log("every input committed")
+        watch.cancel()
+        code = sup.current.terminate()
+        log(f"daemon stopped with SIGTERM: exit {code}")
+        if code != 0:
+            chaos.problems.append(f"SIGTERM after the chaos: exit code {code}")
+    finally:
+        for task in (watch, feed):
+            if task is not None:
+                task.cancel()
+        sup.close()
+
+    inputs = {(r.partition, r.offset): r.value for r in await kafkatools.read_committed(kafka_bootstrap, names["input"])}
+    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
+    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
+    log(f"read back: {len(inputs)} inputs, {len(outputs)} outputs, {len(dead)} dead letters")
+
+    problems = list(chaos.problems)
+    try:
+        streams.assert_exactly_once(inputs, outputs, dead)
+    except AssertionError as exc:
+        problems.append(f"exactly-once: {exc}")
+    if len(inputs) < N_RECORDS:
+        problems.append(f"only {len(inputs)} inputs in the topic")
+    if sorted(chaos.injected) != sorted(FAULTS):
+        problems.append(f"injected {chaos.injected}, planned {FAULTS}")
+    # nothing valid was dead-lettered by the chaos: only v2's invalid outputs may be
+    reasons = collections.Counter(H.as_dict(r.headers)[H.H_DLQ_REASON].decode() for r in dead)
+    if set(reasons) - {"output_schema"}:
+        problems.append(f"unexpected dead letters: {dict(reasons)}")
+    for r in dead:
+        if orjson.loads(r.value).get("fault") != "bad_output":
+            problems.append(f"dead letter of a record without fault=bad_output: {r.value[:200]!r}")
+            break
+    # a record that kills, hangs or fails v2 can only have been answered by v1
+    by_pos = {streams.source_position(r): r for r in outputs}
+    for pos, raw in inputs.items():
+        fault = orjson.loads(raw).get("fault")
+        if fault in ("crash", "hang", "raise") and pos in by_pos:
+            version = H.as_dict(by_pos[pos].headers)[H.H_RELEASE_VERSION].decode()
+            if version != "1.0.0":
+                problems.append(f"record {pos} with fault={fault} answered by {version}")
+    failovers = sup.failovers()
+    too_big = [f for f in failovers if f["replayed"] > REPLAY_BOUND]
+    if too_big:
+        problems.append(f"failovers replayed more than {REPLAY_BOUND} records: {too_big}")
+    for e in sup.unexpected_exits():
+        problems.append(f"daemon #{e.incarnation} exited on its own with code {e.code}; log tail:\n{e.log_tail}")
+    log(f"{len(failovers)} failovers, replayed max {max((f['replayed'] for f in failovers), default=0)} "
+        f"(bound {REPLAY_BOUND}); seed {chaos_seed}")
+    assert not problems, f"seed {chaos_seed}:\n" + "\n".join(problems)
