@@ -190,6 +190,17 @@ def top_frames(raw: Path, n: int = 15) -> tuple[list[tuple[str, float]], list[tu
 
 
 async def main(args) -> int:
+    saved = C.OUT / "throughput" / "results.json"
+    if args.report_only:
+        import json
+
+        d = json.loads(saved.read_text())
+        ns = argparse.Namespace(**d["args"])
+        ns.no_doc = args.no_doc
+        sys.argv = d["argv"]
+        prof = {k: tuple(v) for k, v in d["profile"].items()} if d["profile"] else None
+        report(d["results"], d["keys"], d["n"], ns, d["env"], d["size"], prof)
+        return 0
     n = args.records or (10_000 if args.quick else 60_000)
     rounds = args.rounds
     keys = args.systems.split(",") if args.systems else (QUICK if args.quick else DEFAULT)
@@ -233,6 +244,10 @@ async def main(args) -> int:
                     profile[name] = top_frames(raw)
     finally:
         await C.delete_topics([input_topic])
+    import json
+
+    saved.write_text(json.dumps({"args": vars(args), "argv": sys.argv, "results": results, "keys": keys, "n": n,
+                                 "env": env, "size": size, "profile": profile}, indent=1))
     report(results, keys, n, args, env, size, profile)
     return 0
 
@@ -335,4 +350,6 @@ if __name__ == "__main__":
     ap.add_argument("--systems", default="", help=f"comma-separated subset of {','.join(SYSTEMS)}")
     ap.add_argument("--profile", action="store_true", help="after the rounds, py-spy one exactly-once run")
     ap.add_argument("--no-doc", action="store_true", help="print only; do not rewrite docs/BENCHMARKS.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render the table and doc section from the last run's bench/out/throughput/results.json")
     sys.exit(asyncio.run(main(ap.parse_args())))

@@ -57,6 +57,8 @@ class Engine:
         self.after_checkpoint: list[Callable[["Engine"], None]] = []
         self.pending_failure: ReleaseFailure | None = None
         self.pending_change: dict | None = None
+        self.release_since: dict[str, dict[TopicPartition, int]] = {}
+        """For each release that became active here: the input offset per partition where it started."""
         self.checkpoint_asap = False  # after a failover: commit the first replayed batch at once
         self.on_change: Callable[["Engine", dict], Awaitable[None]] | None = None
         self.shadow = settings.failover.standby_mode == "hot"
@@ -232,6 +234,7 @@ class Engine:
             opened = await asyncio.gather(*(self._open_partition(tp) for tp in sorted(new)))
             for p in opened:
                 self.partitions[p.tp] = p
+                self.release_since.setdefault(self.active.digest, {}).setdefault(p.tp, p.committed)
             log.info("partitions assigned", extra={"assigned": sorted(f"{t.topic}:{t.partition}" for t in assigned),
                                                    "kept": len(keep), "opened": len(new)})
             self.policy.reset()
@@ -597,6 +600,53 @@ class Engine:
             replay += self._rewind(p)
         self.policy.reset()
         return replay
+
+    def mark_activated(self, release: LoadedRelease) -> None:
+        """Record where ``release`` starts handling each partition (for --rescore windows)."""
+        self.release_since[release.digest] = {tp: p.committed for tp, p in self.partitions.items()}
+
+    async def rescore(self, since: dict[TopicPartition, int], label: str) -> int:
+        """Re-run committed inputs from ``since`` up to the last checkpoint through the active release and
+        write the results as corrections (header ``fd.correction``), in the partitions' open transactions.
+        State is read, never written: corrections do not count twice into per-key state."""
+        rel = self.active
+        consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, isolation_level="read_committed",
+                                    auto_offset_reset="earliest", **self._common)
+        await consumer.start()
+        written = 0
+        try:
+            for tp, start in sorted(since.items()):
+                p = self.partitions.get(tp)
+                if p is None or start >= p.committed:
+                    continue
+                consumer.assign([tp])
+                consumer.seek(tp, start)
+                end = p.committed
+                pos = start
+                while pos < end:
+                    batch = (await consumer.getmany(tp, timeout_ms=1000, max_records=self.s.worker.max_batch_records)
+                             ).get(tp, [])
+                    recs = [r for r in batch if r.offset < end and r.value is not None
+                            and len(r.value) <= self._max_value]
+                    pos = await consumer.position(tp)
+                    if not recs:
+                        continue
+                    keys = list(dict.fromkeys(r.key for r in recs if r.key is not None))
+                    got = p.store.get_many(rel.ns, keys)
+                    index = {k: i for i, k in enumerate(keys)}
+                    items = [(r.key, r.value, index[r.key] if r.key is not None else NO_STATE) for r in recs]
+                    results, _ = await rel.worker.process(items, [got[k] for k in keys])
+                    producer = await self._producer(p)
+                    mark = [(H.H_CORRECTION, label.encode())]
+                    for r, res in zip(recs, results):
+                        if res[0] == OK:
+                            await producer.send(self._out_topic, res[1], key=r.key, headers=rel.headers + H.source_headers(
+                                p.topic_b, p.partition_b, r.offset) + mark)
+                            written += 1
+        finally:
+            await consumer.stop()
+        log.warning("rescored", extra={"release": rel.ref, "corrections": written, "label": label})
+        return written
 
     # ---- failures -------------------------------------------------------------------------------
     async def _release_failed(self, exc: ReleaseFailure) -> bool:

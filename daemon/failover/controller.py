@@ -113,6 +113,7 @@ class FailoverController:
         self.policy.record()
         self.monitor.reset()
         checkpoint = {f"{tp.topic}:{tp.partition}": p.committed for tp, p in engine.partitions.items()}
+        engine.mark_activated(standby)
         event = {"kind": "failover", "from": old.describe(), "to": standby.describe(), "reason": reason,
                  "detail": detail, "checkpoint": checkpoint, "time": time.time(), "instance": engine.instance_id,
                  "replayed": engine.last_replay, "duration_s": None, "_t0": t0}
@@ -149,8 +150,14 @@ class FailoverController:
                     engine.standby = old
                 else:
                     await old.worker.close(timeout=2.0)
+                engine.mark_activated(new)
                 self.events.append({"kind": change.get("kind") or "release", "from": old.describe(),
                                     "to": new.describe(), "time": time.time(), "instance": engine.instance_id})
+                since = engine.release_since.get(old.digest)
+                if change.get("rescore") and since:
+                    n = await engine.rescore(since, f"rollback-of:{old.ref}:{old.digest[:12]}")
+                    self.events[-1]["corrections"] = n
+                    await engine.checkpoint()
                 log.warning("release switched", extra={"from": old.ref, "to": new.ref, "kind": change.get("kind")})
                 if engine.paused:
                     self.resume(engine)

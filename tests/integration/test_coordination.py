@@ -131,3 +131,48 @@ async def test_admin_api_of_a_live_daemon(kafka_bootstrap, tmp_path, example_bun
     finally:
         if d.alive():
             d.kill9()
+
+
+async def test_rollback_with_rescore_writes_corrections_for_the_rolled_back_window(kafka_bootstrap, tmp_path,
+                                                                                   example_bundles):
+    from daemon.engine import headers as H
+
+    names = await make_topics(kafka_bootstrap, "rescore", partitions=2)
+    registry_dir = tmp_path / "registry"
+    registry = Registry(registry_dir)
+    for v in ("v1", "v2"):
+        registry.add(example_bundles[v])
+    cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s",
+                       registry=registry_dir, group=kafkatools.unique("g"), app=kafkatools.unique("app"))
+    cli("release", "promote", "fraud-scorer@1.0.0", "--channel", "active", "--reason", "first", "--config", str(cfg))
+    d = DaemonProc(cfg, log=tmp_path / "d.log").start()
+    try:
+        await kafkatools.produce(kafka_bootstrap, names["input"], streams.transactions(400, seed=1))
+        await kafkatools.wait_for(lambda: d.check() and _count_committed(kafka_bootstrap, names, 400), timeout=60,
+                                  what="first 400 under 1.0.0")
+        cli("release", "promote", "fraud-scorer@2.0.0", "--channel", "active", "--reason", "v2", "--config", str(cfg))
+        await kafkatools.wait_for(lambda: active_versions([d]) == {"2.0.0"}, timeout=30, what="switch to 2.0.0")
+        await kafkatools.produce(kafka_bootstrap, names["input"], streams.transactions(300, seed=2))
+        await kafkatools.wait_for(lambda: _count_committed(kafka_bootstrap, names, 700), timeout=60,
+                                  what="300 under 2.0.0")
+        cli("release", "rollback", "--reason", "v2 scores look off", "--rescore", "--config", str(cfg))
+        await kafkatools.wait_for(lambda: active_versions([d]) == {"1.0.0"}, timeout=30, what="rollback to 1.0.0")
+        await kafkatools.produce(kafka_bootstrap, names["input"], streams.transactions(100, seed=3))
+        await kafkatools.wait_for(lambda: _count_committed(kafka_bootstrap, names, 800 + 300), timeout=60,
+                                  what="corrections and the last 100")
+        assert d.terminate() == 0
+    finally:
+        if d.alive():
+            d.kill9()
+    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
+    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
+    corrections = [r for r in outputs if H.H_CORRECTION in H.as_dict(r.headers)]
+    regular = [r for r in outputs if H.H_CORRECTION not in H.as_dict(r.headers)]
+    inputs = await _input_positions(kafka_bootstrap, names["input"])
+    streams.assert_exactly_once(inputs, regular, dead)
+    by_v2 = {streams.source_position(r) for r in regular if release_of(r) == "2.0.0"}
+    assert len(by_v2) >= 250
+    # exactly the window 2.0.0 handled, once each, re-scored by the restored 1.0.0
+    assert sorted(streams.source_position(r) for r in corrections) == sorted(by_v2)
+    assert {release_of(r) for r in corrections} == {"1.0.0"}
+    assert H.as_dict(corrections[0].headers)[H.H_CORRECTION].startswith(b"rollback-of:fraud-scorer@2.0.0")
