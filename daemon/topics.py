@@ -234,6 +234,12 @@ def unsafe_reasons(spec: TopicsFile, settings: Settings) -> list[str]:
                 reasons.append(f'"{topic.name}" (role {topic.role}): {said}; {topic.role} topics must be '
                                'cleanup.policy = "compact": a restore reads the latest record of every key, and '
                                'time- or size-based deletion would silently lose it')
+        if topic.role == "changelog":
+            widest = max((t.partitions for t in spec.topics if t.role == "input"), default=0)
+            if topic.partitions < widest:
+                reasons.append(f'"{topic.name}" (role changelog) has {topic.partitions} partitions but an input topic '
+                               f'has {widest}: input partition p keeps its state in changelog partition p, so the '
+                               f'changelog needs at least as many partitions as the widest input topic')
         min_isr = topic.config.get("min.insync.replicas")
         if min_isr is not None and min_isr.isdigit() and int(min_isr) > topic.replication_factor:
             reasons.append(f'"{topic.name}": min.insync.replicas = {min_isr} is larger than replication_factor = '

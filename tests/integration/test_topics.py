@@ -36,7 +36,7 @@ class Setup:
         return [self.name(r) for r in ("input", "output", "dlq", "changelog", "checkpoints", "control")]
 
     def write(self, *, input_retention: str = INPUT_RETENTION, changelog_policy: str = "compact",
-              output_replication: int = 1, dlq_config: str = "") -> None:
+              output_replication: int = 1, dlq_config: str = "", changelog_partitions: int = 4) -> None:
         (self.tmp / "failoverd.toml").write_text(f"""
 [kafka]
 bootstrap_servers = "{self.bootstrap}"
@@ -83,7 +83,7 @@ config = {{ {dlq_config} }}
 [[topic]]
 name = "{self.name('changelog')}"
 role = "changelog"
-partitions = 4
+partitions = {changelog_partitions}
 replication_factor = 1
 config = {{ "cleanup.policy" = "{changelog_policy}" }}
 
@@ -305,6 +305,14 @@ def test_refuses_a_changelog_that_is_not_compacted(setup, capsys, action):
     assert code == 1
     assert (f'"{setup.name("changelog")}" (role changelog): cleanup.policy = "delete"; changelog topics must be '
             'cleanup.policy = "compact"') in err
+    assert existing(setup) == {}
+
+
+def test_refuses_a_changelog_narrower_than_the_inputs(setup, capsys):
+    setup.write(changelog_partitions=2)
+    code, out, err = run(capsys, setup.args("apply"))
+    assert code == 1
+    assert (f'"{setup.name("changelog")}" (role changelog) has 2 partitions but an input topic has 4') in err
     assert existing(setup) == {}
 
 
