@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema_rs
 import orjson
-from jsonschema.validators import validator_for
 
 from daemon.model import Prediction, Record, RecordError, normalize
 
@@ -27,9 +27,9 @@ NO_STATE = -1
 
 
 def make_validator(schema: dict):
-    cls = validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema)
+    """A compiled validator (jsonschema-rs: ~1 us per record where the pure-Python reference
+    implementation takes ~300 us; the bundle build meta-validates schemas with ``jsonschema``)."""
+    return jsonschema_rs.validator_for(schema)
 
 
 def _first_error(validator, value: Any) -> str | None:
@@ -38,7 +38,7 @@ def _first_error(validator, value: Any) -> str | None:
     err = next(iter(validator.iter_errors(value)), None)
     if err is None:  # pragma: no cover - is_valid and iter_errors disagree
         return "invalid"
-    path = "/".join(str(p) for p in err.absolute_path) or "(root)"
+    path = "/".join(str(p) for p in err.instance_path) or "(root)"
     return f"{path}: {err.message}"[:500]
 
 
