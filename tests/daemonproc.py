@@ -98,6 +98,15 @@ class DaemonProc:
         except OSError:
             return 0, b""
 
+    def committed(self) -> int:
+        """Input records this daemon has checkpointed (sum of committed offsets it reports)."""
+        import json
+
+        code, body = self.get("/status")
+        if code != 200:
+            return 0
+        return sum(p.get("committed") or 0 for p in json.loads(body).get("partitions", []))
+
     def start(self) -> "DaemonProc":
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)

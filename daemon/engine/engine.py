@@ -24,6 +24,7 @@ from daemon.engine.batch import DLQ, NO_STATE, OK
 from daemon.engine.checkpoint import CheckpointPolicy, record_key, record_value
 from daemon.engine.partition import Partition, store_path, transactional_id
 from daemon.engine.release import LoadedRelease
+from daemon.engine.sink import BatchSink, Partitioner
 from daemon.engine.state import StateStore, changelog_key
 from daemon.errors import ReleaseFailure
 
@@ -81,6 +82,8 @@ class Engine:
         self.consumer: AIOKafkaConsumer | None = None
         self.restorer: AIOKafkaConsumer | None = None
         self.shared_producer: AIOKafkaProducer | None = None
+        self._alo_futures: list = []
+        self._restore_lock = asyncio.Lock()
         self._common = settings.kafka.client_kwargs()
         self._out_topic = settings.output.topic
         self._dlq_topic = settings.dead_letter.topic
@@ -107,7 +110,29 @@ class Engine:
             max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=50, **self._common)
         self.consumer.subscribe(list(self.s.inputs.topics), listener=_Listener(self))
         await self.consumer.start()
+        self._out_parts = await self._partitions_of(self._out_topic)
+        self._dlq_partitioner = Partitioner(await self._partitions_of(self._dlq_topic))
+        self._out_partitioner = Partitioner(self._out_parts)
+        self._input_parts = {t: await self._partitions_of(t) for t in self.s.inputs.topics}
         self._publish_release_info()
+
+    async def _partitions_of(self, topic: str) -> int:
+        client = self.restorer._client
+        await client._wait_on_metadata(topic)
+        parts = client.cluster.partitions_for_topic(topic)
+        if not parts:
+            from daemon.errors import ConfigError
+
+            raise ConfigError(f"topic {topic!r} does not exist on {self._common.get('bootstrap_servers')}; "
+                              "create it with `failoverd topics apply`")
+        return len(parts)
+
+    def _out_partition(self, p: Partition, key: bytes | None) -> int:
+        """The output partition: the source partition when the output topic is as wide as the input
+        topic (keys stay where they were), else Kafka's default key hash."""
+        if self._input_parts.get(p.tp.topic) == self._out_parts:
+            return p.tp.partition
+        return self._out_partitioner(key)
 
     def _publish_release_info(self) -> None:
         m.RELEASE_INFO.clear()
@@ -274,6 +299,10 @@ class Engine:
     async def _restore(self, tp: TopicPartition, store: StateStore) -> None:
         """Apply the committed changelog past the store's position (read_committed stops at the
         last committed checkpoint: uncommitted or aborted writes are never applied)."""
+        async with self._restore_lock:  # one shared restore consumer: one partition at a time
+            await self._restore_locked(tp, store)
+
+    async def _restore_locked(self, tp: TopicPartition, store: StateStore) -> None:
         ctp = TopicPartition(self._changelog, tp.partition)
         start = store.position()
         end = (await self.restorer.end_offsets([ctp]))[ctp]
@@ -385,23 +414,30 @@ class Engine:
         else:
             predict_s = 0.0
 
-        out, dlq_topic = self._out_topic, self._dlq_topic
+        out = self._out_topic
+        sink = BatchSink()
         counts_out: dict[Partition, int] = {}
         reasons: dict[tuple[Partition, str], int] = {}
+        producers = {id(p): await self._producer(p) for p, _ in refs}
+        for p, _, _, _ in direct:
+            producers.setdefault(id(p), await self._producer(p))
+        source_headers = H.source_headers
         for (p, r), res in zip(refs, results):
-            producer = await self._producer(p)
-            src = H.source_headers(p.topic_b, p.partition_b, r.offset)
+            producer = producers[id(p)]
+            src = source_headers(p.topic_b, p.partition_b, r.offset)
             if res[0] == OK:
-                await producer.send(out, res[1], key=r.key, headers=rel_headers + src)
+                sink.add(producer, out, self._out_partition(p, r.key), r.key, res[1], rel_headers + src)
                 counts_out[p] = counts_out.get(p, 0) + 1
             else:
-                await self._send_dlq(producer, p, r, res[1], res[2], rel_headers + src)
+                self._add_dlq(sink, producer, r, res[1], res[2], rel_headers + src)
                 reasons[(p, res[1])] = reasons.get((p, res[1]), 0) + 1
         for p, r, reason, detail in direct:
-            producer = await self._producer(p)
-            src = H.source_headers(p.topic_b, p.partition_b, r.offset)
-            await self._send_dlq(producer, p, r, reason, detail, rel_headers + src)
+            src = source_headers(p.topic_b, p.partition_b, r.offset)
+            self._add_dlq(sink, producers[id(p)], r, reason, detail, rel_headers + src)
             reasons[(p, reason)] = reasons.get((p, reason), 0) + 1
+        futures = await sink.flush()
+        if not self.eos:
+            self._alo_futures.extend(futures)
         for p, n in counts_out.items():
             m.RECORDS_OUT.labels(p.tp.topic, p.partition_b.decode()).inc(n)
         for (p, reason), n in reasons.items():
@@ -452,14 +488,14 @@ class Engine:
             p.store.put(ns_s, key, st)
         return active_res
 
-    async def _send_dlq(self, producer, p: Partition, r, reason: str, detail: str, extra) -> None:
+    def _add_dlq(self, sink: BatchSink, producer, r, reason: str, detail: str, extra) -> None:
         hdrs = list(r.headers or ()) + [(H.H_DLQ_REASON, reason.encode()),
                                         (H.H_DLQ_DETAIL, detail.encode("utf-8", "replace")[:1000])] + extra
         value = r.value
         if value is not None and len(value) > self._max_value:
             value = value[: self._max_value]
             hdrs.append(("fd.dlq.truncated", b"1"))
-        await producer.send(self._dlq_topic, value, key=r.key, headers=hdrs)
+        sink.add(producer, self._dlq_topic, self._dlq_partitioner(r.key), r.key, value, hdrs)
 
     async def _producer(self, p: Partition) -> AIOKafkaProducer:
         if not self.eos:
@@ -497,19 +533,22 @@ class Engine:
             for hook in self.after_checkpoint:
                 hook(self)
 
-    def _changelog_sends(self, producer, p: Partition):
-        ck = str(p.position).encode()
-        hdr = [(H.H_CHECKPOINT, ck)]
+    async def _send_changelog(self, producer, p: Partition) -> int | None:
+        """Send the interval's state changes; returns the changelog position after them (acked)."""
+        if not p.store.pending:
+            return None
+        hdr = [(H.H_CHECKPOINT, str(p.position).encode())]
         topic, part, tname = self._changelog, p.tp.partition, p.tp.topic
-        return [producer.send(topic, v, key=changelog_key(tname, ns, key), partition=part, headers=hdr)
-                for (ns, key), v in p.store.pending.items()]
+        sink = BatchSink()
+        for (ns, key), v in p.store.pending.items():
+            sink.add(producer, topic, part, changelog_key(tname, ns, key), v, hdr)
+        await sink.flush()
+        fut, n = sink.last[(topic, part)]
+        return (await fut).offset + n
 
     async def _commit_eos(self, p: Partition) -> None:
         producer = await self._producer(p)
-        futures = [await c for c in self._changelog_sends(producer, p)]
-        changelog_pos = None
-        if futures:
-            changelog_pos = (await futures[-1]).offset + 1
+        changelog_pos = await self._send_changelog(producer, p)
         await producer.send(self._ckpt_topic, record_value(
             group=self.group, topic=p.tp.topic, partition=p.tp.partition, offset=p.position,
             changelog_offset=changelog_pos, release=self.active.info, instance=self.instance_id,
@@ -525,17 +564,13 @@ class Engine:
         producer = self.shared_producer
         results: list = []
         try:
-            last = {}
-            for p in parts:
-                futs = [await c for c in self._changelog_sends(producer, p)]
-                if futs:
-                    last[p] = futs[-1]
-            await producer.flush()
+            positions = {id(p): await self._send_changelog(producer, p) for p in parts}
+            futures, self._alo_futures = self._alo_futures, []
+            await asyncio.gather(*futures)  # every output and dead letter acknowledged ...
             offsets = {p.tp: p.position for p in parts}
-            await self.consumer.commit(offsets)
+            await self.consumer.commit(offsets)  # ... before the offsets move
             for p in parts:
-                pos = (await last[p]).offset + 1 if p in last else None
-                p.store.commit(pos)
+                p.store.commit(positions[id(p)])
                 p.committed = p.position
                 p.uncommitted = 0
                 results.append(None)
@@ -638,11 +673,15 @@ class Engine:
                     results, _ = await rel.worker.process(items, [got[k] for k in keys])
                     producer = await self._producer(p)
                     mark = [(H.H_CORRECTION, label.encode())]
+                    sink = BatchSink()
                     for r, res in zip(recs, results):
                         if res[0] == OK:
-                            await producer.send(self._out_topic, res[1], key=r.key, headers=rel.headers + H.source_headers(
-                                p.topic_b, p.partition_b, r.offset) + mark)
+                            sink.add(producer, self._out_topic, self._out_partition(p, r.key), r.key, res[1],
+                                     rel.headers + H.source_headers(p.topic_b, p.partition_b, r.offset) + mark)
                             written += 1
+                    futures = await sink.flush()
+                    if not self.eos:
+                        self._alo_futures.extend(futures)
         finally:
             await consumer.stop()
         log.warning("rescored", extra={"release": rel.ref, "corrections": written, "label": label})

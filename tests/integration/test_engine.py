@@ -93,20 +93,27 @@ async def test_kill_9_of_daemon_mid_stream_then_restart_loses_and_duplicates_not
     cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "state",
                        group=kafkatools.unique("g"), app=kafkatools.unique("app"), instance_id="k9-a")
     args = ("--active-bundle", str(example_bundles["v1"]))
-    feeder = Feeder(kafka_bootstrap, names["input"], records, per_batch=200, pause=0.05)
-    feed = asyncio.create_task(feeder.run())
+    feeder = Feeder(kafka_bootstrap, names["input"], records, per_batch=200, pause=0.25)
     first = DaemonProc(cfg, *args, log=tmp_path / "d1.log").start()
     second = None
+    feed = None
     try:
-        await kafkatools.wait_for(lambda: first.check() and _count_committed(kafka_bootstrap, names, 1500),
-                                  timeout=60, interval=0.3, what="some checkpoints")
+        await kafkatools.wait_for(lambda: first.check() and "partitions assigned" in first.log(), timeout=60,
+                                  what="the daemon to take its partitions")
+        feed = asyncio.create_task(feeder.run())
+        await kafkatools.wait_for(lambda: first.check() and first.committed() >= 1500,
+                                  timeout=60, interval=0.05, what="some checkpoints")
         first.kill9()  # mid-stream: an interval is open, outputs are in flight
+        assert feeder.sent < len(records), "the stream ended before the kill: the test would prove nothing"
         second = DaemonProc(cfg, *args, log=tmp_path / "d2.log").start()
+        await kafkatools.wait_for(lambda: second.check() and "partitions assigned" in second.log(), timeout=60,
+                                  what="the restarted daemon to take its partitions")
         await feed
         await _run_until_done(kafka_bootstrap, names, len(records), [second])
         assert second.terminate() == 0
     finally:
-        feed.cancel()
+        if feed is not None:
+            feed.cancel()
         for d in (first, second):
             if d is not None and d.alive():
                 d.kill9()
@@ -129,19 +136,21 @@ async def test_two_instances_one_killed_survivor_takes_over_with_state(kafka_boo
         cfg = write_config(tmp_path / f"{name}.toml", bootstrap=kafka_bootstrap, names=names,
                            state_dir=tmp_path / f"state-{name}", group=group, app=app)
         daemons.append(DaemonProc(cfg, *args, log=tmp_path / f"{name}.log").start())
-    feeder = Feeder(kafka_bootstrap, names["input"], records, per_batch=200, pause=0.08)
+    feeder = Feeder(kafka_bootstrap, names["input"], records, per_batch=200, pause=0.25)
     feed = asyncio.create_task(feeder.run())
     try:
         await kafkatools.wait_for(lambda: all(d.check() for d in daemons)
-                                  and _count_committed(kafka_bootstrap, names, 2500),
-                                  timeout=90, interval=0.3, what="both instances processing")
+                                  and sum(d.committed() for d in daemons) >= 2500,
+                                  timeout=90, interval=0.05, what="both instances processing")
         assert "partitions assigned" in daemons[1].log()
         daemons[0].kill9()
+        assert feeder.sent < len(records), "the stream ended before the kill: the test would prove nothing"
         await feed
         await _run_until_done(kafka_bootstrap, names, len(records), [daemons[1]], timeout=150)
         assert daemons[1].terminate() == 0
     finally:
-        feed.cancel()
+        if feed is not None:
+            feed.cancel()
         for d in daemons:
             if d.alive():
                 d.kill9()
