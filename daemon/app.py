@@ -134,6 +134,8 @@ class App:
         background: list[asyncio.Task] = []
         try:
             self.notifier.status("loading releases")
+            if self.active_bundle is None:
+                await self._sync_registry()
             a_path, s_path = resolve_bundles(s, self.active_bundle, self.standby_bundle)
             active = await self._load(a_path, "active")
             standby = None
@@ -171,6 +173,20 @@ class App:
             log.error("stopped after a release failure with no failover", extra={"error": str(self.engine.failure)})
             return 1
         return 0
+
+    async def _sync_registry(self) -> None:
+        """Append the releases other instances recorded on the control topic (their failovers,
+        promotions from another host) so this instance starts on the release the group is on."""
+        from daemon.registry import Registry
+
+        s = self.settings
+        try:
+            added = await Registry(s.registry.path).sync_from_topic(s.kafka.client_kwargs(), s.registry.control_topic,
+                                                                    timeout=10)
+            if added:
+                log.info("release log synced from the control topic", extra={"added": len(added)})
+        except Exception as exc:  # noqa: BLE001 - the local log still names a release to start with
+            log.warning("could not sync the release log from the control topic", extra={"error": str(exc)})
 
     async def _notify_ready(self) -> None:
         """READY=1 once partitions are assigned and state restored; STATUS= lines on changes."""

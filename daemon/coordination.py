@@ -5,7 +5,9 @@
 - :class:`ControlWatcher` follows the control topic. A release event (promote, rollback, another
   instance's failover) becomes a *pending change* that the engine applies at its next checkpoint
   boundary; a ``failover_request`` event becomes a manual failover.
-- :func:`reconcile` makes the engine's loaded releases match the desired active/standby.
+- the failover controller's ``apply_change`` then makes the loaded releases match the desired
+  active/standby. Every instance needs the bundles: a shared registry directory (or one per host
+  holding the same archives); the release log itself is synced from the topic.
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ class ControlWatcher:
             self.desired[channel] = ev.get("digest") if ev else None
         return True
 
+    async def _remember(self, event: dict) -> None:
+        """Keep the local release log in step with the topic (a no-op when the log is shared)."""
+        from daemon.registry import Registry
+
+        try:
+            await asyncio.to_thread(Registry(self.settings.registry.path).apply_events, [event])
+        except Exception as exc:  # noqa: BLE001
+            log.warning("release event not written to the local release log", extra={"error": str(exc)})
+
     async def follow(self) -> None:
         if await self.start():
             await self.run()
@@ -88,13 +99,12 @@ class ControlWatcher:
             async for event in self.reader.watch():
                 value = event.value or {}
                 if event.type == "release":
+                    await self._remember(value)
                     self.desired[value["channel"]] = value["digest"]
                     self.engine.pending_change = dict(self.desired, rescore=bool(value.get("rescore")),
                                                       kind=value.get("kind"), ref=f"{value['name']}@{value['version']}")
                 elif event.type == "failover_request":
                     self.controller.request(value.get("reason") or "manual request on the control topic")
-                elif event.type == "rollback_request":
-                    self.engine.pending_change = dict(self.desired, **value)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -84,6 +84,7 @@ class Engine:
         self.shared_producer: AIOKafkaProducer | None = None
         self._alo_futures: list = []
         self._restore_lock = asyncio.Lock()
+        self._active_predict_s: float | None = None
         self._common = settings.kafka.client_kwargs()
         self._out_topic = settings.output.topic
         self._dlq_topic = settings.dead_letter.topic
@@ -171,6 +172,8 @@ class Engine:
                         await self.checkpoint()  # a release change takes effect at a checkpoint boundary
                         await self.on_change(self, change)
                     self._update_lag()
+                    self._watch_standby()
+                    m.READY.set(1 if self.ready()[0] else 0)
         finally:
             await self.close()
 
@@ -223,6 +226,16 @@ class Engine:
             "partitions": parts, "last_checkpoint": self.last_checkpoint,
             "exactly_once": self.eos, "replayed_total": self.replayed_total,
         }
+
+    def _watch_standby(self) -> None:
+        """Notice a standby worker that died while idle (so readiness metrics tell the truth)."""
+        sb = self.standby
+        if sb is not None and not sb.worker.dead:
+            proc = getattr(sb.worker, "_proc", None)
+            if proc is not None and proc.returncode is not None:
+                log.error("standby worker died", extra={"release": sb.ref, "code": proc.returncode})
+                sb.worker.dead = True
+                m.STANDBY_READY.set(0)
 
     def _update_lag(self) -> None:
         for tp, p in self.partitions.items():
@@ -402,11 +415,13 @@ class Engine:
         results: list[tuple] = []
         if items:
             tp0 = time.monotonic()
+            self._active_predict_s = None
             if self.shadow and self.standby is not None and not getattr(self.standby.worker, "dead", False):
                 results, new_states = await self._predict_with_shadow(items, states, skey_owner)
             else:
                 results, new_states = await rel.worker.process(items, states)
-            predict_s = time.monotonic() - tp0
+            # the active's own latency (a slow hot standby must not count against the active)
+            predict_s = self._active_predict_s if self._active_predict_s is not None else time.monotonic() - tp0
             m.PREDICT_SECONDS.labels(rel.channel).observe(predict_s)
             for sk, st in new_states.items():
                 p, key = skey_owner[sk]
@@ -465,8 +480,18 @@ class Engine:
             for k, v in p.store.get_many(ns_s, keys).items():
                 lookup[(pid, k)] = v
         states_s = [lookup[(id(p), key)] for p, key in skey_owner]
+        timed: list[float] = []
+
+        async def active_call():
+            t0 = time.monotonic()
+            try:
+                return await self.active.worker.process(items, states)
+            finally:
+                timed.append(time.monotonic() - t0)
+
         active_res, standby_res = await asyncio.gather(
-            self.active.worker.process(items, states), sb.worker.process(items, states_s), return_exceptions=True)
+            active_call(), sb.worker.process(items, states_s), return_exceptions=True)
+        self._active_predict_s = timed[0] if timed else None
         if isinstance(active_res, BaseException):
             raise active_res
         if isinstance(standby_res, BaseException):
@@ -592,6 +617,16 @@ class Engine:
             except Exception:  # noqa: BLE001
                 pass
             p.store.close()
+            if p.tp in self.consumer.assignment():
+                # Still ours per the group (e.g. the transaction timed out during a broker outage):
+                # start over from the broker's committed offset with a fresh producer and state.
+                try:
+                    self.partitions[p.tp] = await self._open_partition(p.tp)
+                    self.consumer.resume(p.tp)
+                    log.warning("partition re-opened after being fenced",
+                                extra={"partition": f"{p.tp.topic}:{p.tp.partition}"})
+                except Exception as err:  # noqa: BLE001 - the next rebalance assigns it again
+                    log.error("could not re-open a fenced partition", extra={"error": repr(err)})
             return
         log.warning("checkpoint failed; rewinding to the last checkpoint",
                     extra={"partition": f"{p.tp.topic}:{p.tp.partition}", "error": repr(exc)})

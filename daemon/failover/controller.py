@@ -80,8 +80,9 @@ class FailoverController:
         return await self.failover(engine, exc.reason, str(exc))
 
     def request(self, reason: str) -> None:
-        """A manual failover (admin API, control topic): handled at the next loop iteration."""
-        if self.engine is not None and self.engine.pending_failure is None:
+        """A manual failover (admin API, control topic): handled at the next loop iteration.
+        Ignored while paused (there is nothing to fail over to, or the cap holds)."""
+        if self.engine is not None and self.engine.pending_failure is None and not self.engine.paused:
             self.engine.pending_failure = ReleaseFailure(f"manual request: {reason}", reason="manual")
 
     # ---- the switch ------------------------------------------------------------------------
@@ -89,7 +90,11 @@ class FailoverController:
         t0 = engine.failed_at or time.monotonic()
         blocked = self.policy.check()
         if blocked is not None:
-            self.pause(engine, blocked, cap=True)
+            capped = self.policy.capped()
+            self.pause(engine, blocked, cap=capped)
+            if not capped:  # cooling down: try again (policy permitting) when the cool-down ends
+                self.pause_kind = "cooldown"
+                self._spawn(self._retry_after_cooldown(engine, reason, detail))
             return True
         standby = engine.standby
         if (standby is None or getattr(standby.worker, "dead", False)) and self.mode == "cold" and self.standby_path:
@@ -107,8 +112,11 @@ class FailoverController:
         old.worker.kill()
         await old.worker.close(timeout=1.0)
         standby.channel = "active"
+        standby.worker.label = "active"
         engine.active = standby
         engine.standby = None
+        if self.mode == "cold" and self.standby_path == standby.bundle_path:
+            self.standby_path = None  # that release is active now; a cold standby must be promoted again
         engine.agreement = [0, 0]
         self.policy.record()
         self.monitor.reset()
@@ -142,11 +150,13 @@ class FailoverController:
                     new = await self.loader(self.bundle_path(want_active), "active")
                 old = engine.active
                 new.channel = "active"
+                new.worker.label = "active"
                 engine.active = new
                 engine.agreement = [0, 0]
                 self.monitor.reset()
                 if old.digest == want_standby and self.mode in ("hot", "warm") and engine.standby is None:
                     old.channel = "standby"
+                    old.worker.label = "standby"
                     engine.standby = old
                 else:
                     await old.worker.close(timeout=2.0)
@@ -165,7 +175,9 @@ class FailoverController:
             if want_standby and want_standby not in (current_standby, engine.active.digest):
                 path = self.bundle_path(want_standby)
                 self.standby_path = path
-                if self.mode in ("hot", "warm"):
+                if self.mode == "cold" and engine.paused and self.pause_kind == "no_standby":
+                    await self.failover(engine, "standby_available", f"{want_standby[:12]} promoted to standby")
+                elif self.mode in ("hot", "warm"):
                     fresh = await self.loader(path, "standby")
                     if engine.standby is not None:
                         await engine.standby.worker.close(timeout=2.0)
@@ -182,6 +194,12 @@ class FailoverController:
         from daemon.registry import Registry
 
         return Registry(self.settings.registry.path).bundle_path(digest)
+
+    async def _retry_after_cooldown(self, engine, reason: str, detail: str) -> None:
+        await asyncio.sleep(self.policy.cooldown_left() + 0.01)
+        async with engine.lock:
+            if engine.paused and self.pause_kind == "cooldown":
+                await self.failover(engine, reason, f"{detail} (deferred by the cool-down)")
 
     def _after_checkpoint(self, engine) -> None:
         ev = self._open_event

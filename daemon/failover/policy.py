@@ -30,5 +30,16 @@ class FailoverPolicy:
             return f"in cool-down: last failover {now - self.history[-1]:.1f}s ago (cool-down {self.cooldown_s:.1f}s)"
         return None
 
+    def cooldown_left(self) -> float:
+        """Seconds until the cool-down after the last failover ends (0 when not cooling down)."""
+        if not self.history:
+            return 0.0
+        return max(0.0, self.cooldown_s - (self.clock() - self.history[-1]))
+
+    def capped(self) -> bool:
+        now = self.clock()
+        self._trim(now)
+        return len(self.history) >= self.max_failovers
+
     def record(self) -> None:
         self.history.append(self.clock())
