@@ -8,6 +8,11 @@ records commits, together with the changelog position; an aborted interval is si
 SQLite (stdlib, transactional, one file per partition, no native dependency to build) is
 plenty for the per-key lookups a batch needs: one ``IN (...)`` query per batch.
 
+Committed writes first land in an in-memory overlay that reaches SQLite (with the changelog
+position it corresponds to, in one SQLite transaction) every few seconds or thousands of keys:
+the local store is a cache of the changelog, so after a crash it is simply older and restore
+reads a little more changelog. Recently read values are cached as well.
+
 Changelog record: key = ``input topic \\0 ns \\0 key`` (one changelog topic serves every input
 topic; partition = the input partition); value = state JSON bytes (None = tombstone);
 header ``fd.checkpoint`` = the checkpoint sequence number it belongs to.
@@ -16,6 +21,7 @@ header ``fd.checkpoint`` = the checkpoint sequence number it belongs to.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 SEP = b"\x00"
@@ -34,6 +40,10 @@ def split_changelog_key(raw: bytes) -> tuple[str, str, bytes] | None:
 
 
 class StateStore:
+    FLUSH_SECONDS = 5.0
+    FLUSH_KEYS = 50_000
+    CACHE_KEYS = 200_000
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -44,10 +54,16 @@ class StateStore:
                         " PRIMARY KEY (ns, key)) WITHOUT ROWID")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
         self.pending: dict[tuple[str, bytes], bytes | None] = {}
+        self.overlay: dict[tuple[str, bytes], bytes | None] = {}
+        self.overlay_position: int | None = None
+        self.cache: dict[tuple[str, bytes], bytes | None] = {}
+        self.last_flush = time.monotonic()
 
     # ---- position ---------------------------------------------------------------------------
     def position(self) -> int:
         """Changelog offset from which restore must read (everything before is applied)."""
+        if self.overlay_position is not None:
+            return self.overlay_position
         row = self.db.execute("SELECT v FROM meta WHERE k='changelog_position'").fetchone()
         return int(row[0]) if row else 0
 
@@ -55,19 +71,28 @@ class StateStore:
     def get_many(self, ns: str, keys: list[bytes]) -> dict[bytes, bytes | None]:
         out: dict[bytes, bytes | None] = {}
         missing = []
+        pending, overlay, cache = self.pending, self.overlay, self.cache
         for k in keys:
-            hit = self.pending.get((ns, k), ...)
+            nk = (ns, k)
+            hit = pending.get(nk, ...)
+            if hit is ...:
+                hit = overlay.get(nk, ...)
+                if hit is ...:
+                    hit = cache.get(nk, ...)
             if hit is not ...:
                 out[k] = hit
             else:
                 missing.append(k)
-        for i in range(0, len(missing), 900):
-            chunk = missing[i:i + 900]
-            q = f"SELECT key, value FROM kv WHERE ns=? AND key IN ({','.join('?' * len(chunk))})"
-            for k, v in self.db.execute(q, (ns, *chunk)):
-                out[bytes(k)] = bytes(v)
-        for k in missing:
-            out.setdefault(k, None)
+        if missing:
+            if len(cache) + len(missing) > self.CACHE_KEYS:
+                cache.clear()
+            for i in range(0, len(missing), 900):
+                chunk = missing[i:i + 900]
+                q = f"SELECT key, value FROM kv WHERE ns=? AND key IN ({','.join('?' * len(chunk))})"
+                for k, v in self.db.execute(q, (ns, *chunk)):
+                    out[bytes(k)] = bytes(v)
+            for k in missing:
+                cache[(ns, k)] = out.setdefault(k, None)
         return out
 
     def get(self, ns: str, key: bytes) -> bytes | None:
@@ -75,6 +100,7 @@ class StateStore:
 
     def items(self, ns: str) -> dict[bytes, bytes]:
         """Every committed key of a namespace (for tests and inspection)."""
+        self.flush()
         return {bytes(k): bytes(v) for k, v in self.db.execute("SELECT key, value FROM kv WHERE ns=?", (ns,))}
 
     # ---- writes -------------------------------------------------------------------------------
@@ -85,27 +111,46 @@ class StateStore:
         self.pending.clear()
 
     def commit(self, changelog_position: int | None) -> None:
-        """Apply the pending writes (their transaction committed) and move the position."""
+        """The pending writes' transaction committed: keep them (overlay) and move the position;
+        they reach SQLite at the next flush."""
+        self.overlay.update(self.pending)
+        self.pending.clear()
+        if changelog_position is not None:
+            self.overlay_position = changelog_position
+        if len(self.overlay) >= self.FLUSH_KEYS or time.monotonic() - self.last_flush >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the overlay and its changelog position to SQLite in one transaction."""
+        self.last_flush = time.monotonic()
+        if not self.overlay and self.overlay_position is None:
+            return
         db = self.db
         db.execute("BEGIN")
         try:
-            puts = [(ns, k, v) for (ns, k), v in self.pending.items() if v is not None]
-            dels = [(ns, k) for (ns, k), v in self.pending.items() if v is None]
+            puts = [(ns, k, v) for (ns, k), v in self.overlay.items() if v is not None]
+            dels = [(ns, k) for (ns, k), v in self.overlay.items() if v is None]
             if puts:
                 db.executemany("INSERT OR REPLACE INTO kv (ns, key, value) VALUES (?, ?, ?)", puts)
             if dels:
                 db.executemany("DELETE FROM kv WHERE ns=? AND key=?", dels)
-            if changelog_position is not None:
+            if self.overlay_position is not None:
                 db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('changelog_position', ?)",
-                           (str(changelog_position),))
+                           (str(self.overlay_position),))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self.pending.clear()
+        for nk, v in self.overlay.items():
+            if nk in self.cache or len(self.cache) < self.CACHE_KEYS:
+                self.cache[nk] = v
+        self.overlay.clear()
+        self.overlay_position = None
 
     def apply_changelog(self, topic: str, records: list[tuple[bytes, bytes | None]], position: int) -> int:
         """Apply restored changelog records of ``topic`` (committed in Kafka); returns how many applied."""
+        self.flush()
+        self.cache.clear()
         applied = 0
         db = self.db
         db.execute("BEGIN")
@@ -128,5 +173,9 @@ class StateStore:
         return applied
 
     def close(self) -> None:
+        """Flush what committed and close (pending, uncommitted writes are dropped)."""
         self.pending.clear()
-        self.db.close()
+        try:
+            self.flush()
+        finally:
+            self.db.close()
