@@ -110,6 +110,9 @@ class App:
         self._signals += 1
         if self._signals > 1:
             log.error("second signal: forcing exit", extra={"signal": signame})
+            for rel in (self.engine.active, self.engine.standby) if self.engine else ():
+                if rel is not None:
+                    rel.worker.kill()  # no model process outlives the daemon
             os._exit(130)
         log.info("stopping", extra={"signal": signame})
         self.notifier.stopping()

@@ -149,6 +149,12 @@ class DaemonProc:
             self.kill9()
             raise AssertionError(f"daemon did not stop within {timeout}s after SIGTERM; log:\n{self.log()[-3000:]}")
 
+    def worker_pids_in_session(self) -> list[int]:
+        """Model worker processes still running in the daemon's session (the daemon may be gone)."""
+        out = subprocess.run(["pgrep", "-s", str(self.proc.pid), "-f", "daemon.engine.worker_main"],
+                             capture_output=True, text=True)
+        return [int(x) for x in out.stdout.split()]
+
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-f", "-P", str(self.proc.pid), "daemon.engine.worker_main"],
                              capture_output=True, text=True)

@@ -288,3 +288,37 @@ async def test_restore_stops_at_the_checkpoint_and_reads_only_the_delta(kafka_bo
     assert restore_lines and " from=0 " not in restore_lines[0] + " ", restore_lines
     outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
     assert orjson.loads(max(outputs, key=lambda r: r.offset).value)["count"] == 32
+
+
+async def test_second_signal_forces_exit_while_the_first_waits_on_a_hung_model(kafka_bootstrap, tmp_path,
+                                                                               example_bundles):
+    import signal
+    import time
+
+    names = await make_topics(kafka_bootstrap, "sig", partitions=1)
+    cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s",
+                       group=kafkatools.unique("g"), app=kafkatools.unique("app"),
+                       extra={"worker": {"predict_timeout_ms": 120000}})
+    d = DaemonProc(cfg, "--active-bundle", str(example_bundles["v2"]), log=tmp_path / "d.log").start()
+    try:
+        await kafkatools.wait_for(lambda: d.check() and "partitions assigned" in d.log(), timeout=60,
+                                  what="assigned")
+        hang = orjson.dumps({"card_id": "c", "amount": 1.0, "features": [0.0] * 8, "fault": "hang"})
+        await kafkatools.produce(kafka_bootstrap, names["input"], [(b"c", hang)])
+        await kafkatools.wait_for(lambda: d.get("/status")[0] == 200 and
+                                  d.committed() == 0 and "fraud-scorer@2.0.0" in d.log(), timeout=30,
+                                  what="the hung predict")
+        d.proc.send_signal(signal.SIGTERM)
+        await kafkatools.wait_for(lambda: "stopping" in d.log(), timeout=10, what="the first signal handled")
+        assert d.alive(), "the daemon waits for the hung batch (up to predict_timeout) on the first signal"
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        code = d.proc.wait(10)
+        assert code == 130 and time.monotonic() - t0 < 5
+        assert "second signal: forcing exit" in d.log()
+        await kafkatools.wait_for(lambda: not d.worker_pids_in_session(), timeout=10,
+                                  what="the hung model worker to be killed with the daemon")
+    finally:
+        d.kill9()
+    # nothing from the hung interval was committed
+    assert await kafkatools.read_committed(kafka_bootstrap, names["output"]) == []
