@@ -33,7 +33,7 @@ quick start:
   make demo     build the example bundles, start a local broker, stream, fail over, report
   make test     run the test suite against the local broker
 
-docs: README.md, docs/configuration.md, docs/bundles.md, docs/operations.md
+docs: README.md, docs/configuration.md, docs/bundles.md, docs/operations.md, docs/architecture.md
 """
 
 

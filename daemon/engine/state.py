@@ -15,7 +15,7 @@ reads a little more changelog. Recently read values are cached as well.
 
 Changelog record: key = ``input topic \\0 ns \\0 key`` (one changelog topic serves every input
 topic; partition = the input partition); value = state JSON bytes (None = tombstone);
-header ``fd.checkpoint`` = the checkpoint sequence number it belongs to.
+header ``fd.checkpoint`` = the input offset of the checkpoint it belongs to.
 """
 
 from __future__ import annotations
