@@ -49,3 +49,20 @@ def assert_counts_chain(outputs: list) -> None:
     for card, seq in by_card.items():
         counts = [c for _, c in sorted(seq)]
         assert counts == list(range(1, len(counts) + 1)), f"{card}: state counts {counts[:20]}..."
+
+
+async def read_back(bootstrap: str, names: dict) -> tuple[dict, list, list]:
+    """(inputs by (partition, offset), outputs, dead letters), all read with read_committed."""
+    from tests import kafkatools
+
+    inputs = {(r.partition, r.offset): r.value for r in await kafkatools.read_committed(bootstrap, names["input"])}
+    outputs = await kafkatools.read_committed(bootstrap, names["output"])
+    dead = await kafkatools.read_committed(bootstrap, names["dlq"])
+    return inputs, outputs, dead
+
+
+async def verified(bootstrap: str, names: dict) -> tuple[dict, list, list]:
+    """read_back, asserting every input exactly once as an output or a dead letter."""
+    inputs, outputs, dead = await read_back(bootstrap, names)
+    assert_exactly_once(inputs, outputs, dead)
+    return inputs, outputs, dead

@@ -31,7 +31,9 @@ class BatchFailed(ReleaseFailure):
         super().__init__(message, reason="exception")
 
 
-class SubprocessWorker:
+class _Worker:
+    """What both kinds of worker know: the bundle, the timeouts, their channel label."""
+
     def __init__(self, bundle_path: Path, unpack_dir: Path | None, *, predict_timeout: float,
                  start_timeout: float, label: str = "model") -> None:
         self.bundle_path = Path(bundle_path)
@@ -40,9 +42,14 @@ class SubprocessWorker:
         self.start_timeout = start_timeout
         self.label = label
         self.info: dict = {}
+        self.dead = False
+
+
+class SubprocessWorker(_Worker):
+    def __init__(self, bundle_path: Path, unpack_dir: Path | None, **kw) -> None:
+        super().__init__(bundle_path, unpack_dir, **kw)
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
-        self.dead = False
 
     @property
     def pid(self) -> int | None:
@@ -135,19 +142,12 @@ class SubprocessWorker:
         await self._reap()
 
 
-class InProcessWorker:
+class InProcessWorker(_Worker):
     """Runs a trusted model in a dedicated thread of the daemon process."""
 
-    def __init__(self, bundle_path: Path, unpack_dir: Path | None, *, predict_timeout: float,
-                 start_timeout: float, label: str = "model") -> None:
-        self.bundle_path = Path(bundle_path)
-        self.unpack_dir = unpack_dir
-        self.predict_timeout = predict_timeout
-        self.start_timeout = start_timeout
-        self.label = label
-        self.info: dict = {}
-        self.dead = False
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"model-{label}")
+    def __init__(self, bundle_path: Path, unpack_dir: Path | None, **kw) -> None:
+        super().__init__(bundle_path, unpack_dir, **kw)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.label}")
         self._processor = None
 
     pid = None

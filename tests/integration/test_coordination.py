@@ -83,10 +83,7 @@ async def test_promotion_and_manual_failover_reach_every_instance(kafka_bootstra
         for d in daemons:
             if d.alive():
                 d.kill9()
-    inputs = await _input_positions(kafka_bootstrap, names["input"])
-    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
-    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
-    streams.assert_exactly_once(inputs, outputs, dead)
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
     # per partition, in source order: 1.0.0, then 2.0.0, then 1.0.0 again — one switch each time
     for part in (0, 1):
         seq = [release_of(r) for r in sorted((r for r in outputs if streams.source_position(r)[0] == part),

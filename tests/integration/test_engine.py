@@ -37,10 +37,7 @@ async def test_every_input_once_with_provenance_and_dead_letters(kafka_bootstrap
     finally:
         if daemon.alive():
             daemon.kill9()
-    inputs = await _input_positions(kafka_bootstrap, names["input"])
-    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
-    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
-    streams.assert_exactly_once(inputs, outputs, dead)
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
     assert len(outputs) == len(good)
     streams.assert_counts_chain(outputs)
 
@@ -117,10 +114,7 @@ async def test_kill_9_of_daemon_mid_stream_then_restart_loses_and_duplicates_not
         for d in (first, second):
             if d is not None and d.alive():
                 d.kill9()
-    inputs = await _input_positions(kafka_bootstrap, names["input"])
-    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
-    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
-    streams.assert_exactly_once(inputs, outputs, dead)
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
     streams.assert_counts_chain(outputs)  # state restored from the changelog at the checkpoint
 
 
@@ -154,10 +148,7 @@ async def test_two_instances_one_killed_survivor_takes_over_with_state(kafka_boo
         for d in daemons:
             if d.alive():
                 d.kill9()
-    inputs = await _input_positions(kafka_bootstrap, names["input"])
-    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
-    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
-    streams.assert_exactly_once(inputs, outputs, dead)
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
     # The survivor's per-card counts continue the dead instance's: the same as one instance alone.
     streams.assert_counts_chain(outputs)
     assert len(outputs) == len(records)
@@ -207,10 +198,7 @@ async def test_paused_zombie_wakes_after_handover_and_its_commit_is_refused(kafk
                 except ProcessLookupError:
                     pass
                 d.kill9()
-    inputs = await _input_positions(kafka_bootstrap, names["input"])
-    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
-    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
-    streams.assert_exactly_once(inputs, outputs, dead)
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
     streams.assert_counts_chain(outputs)
 
 

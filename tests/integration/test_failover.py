@@ -104,10 +104,7 @@ async def test_fault_in_active_release_fails_over_exactly_once(kafka_bootstrap, 
     log = d.log()
     assert re.search(rf"FAILOVER .*reason={reason}", log), log[-3000:]
     assert "failover complete" in log
-    inputs = await _input_positions(kafka_bootstrap, names["input"])
-    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
-    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
-    streams.assert_exactly_once(inputs, outputs, dead)
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
     assert_switched_once(outputs)
     # replay is bounded by the checkpoint interval: at most interval_records per partition plus a fetch
     replayed = [int(x) for x in re.findall(r"replayed=(\d+)", log)]
@@ -117,10 +114,7 @@ async def test_fault_in_active_release_fails_over_exactly_once(kafka_bootstrap, 
 @pytest.mark.parametrize("mode", ["hot", "cold"])
 async def test_worker_kill_fails_over_in_each_standby_mode(kafka_bootstrap, tmp_path, example_bundles, mode):
     names, d = await run_fault(kafka_bootstrap, tmp_path, example_bundles, fault="crash", mode=mode)
-    inputs = await _input_positions(kafka_bootstrap, names["input"])
-    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
-    dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
-    streams.assert_exactly_once(inputs, outputs, dead)
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
     assert_switched_once(outputs)
     if mode == "hot":
         # the hot standby kept its own state current in shadow: its counts continue the stream
