@@ -84,6 +84,7 @@ class Engine:
         self.shared_producer: AIOKafkaProducer | None = None
         self._alo_futures: list = []
         self._restore_lock = asyncio.Lock()
+        self._reopen_timers: dict[TopicPartition, asyncio.TimerHandle] = {}
         self._active_predict_s: float | None = None
         self._common = settings.kafka.client_kwargs()
         self._out_topic = settings.output.topic
@@ -255,6 +256,9 @@ class Engine:
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self.lock:
+            for timer in self._reopen_timers.values():
+                timer.cancel()  # the rebalance decides who owns what
+            self._reopen_timers.clear()
             for tp in [tp for tp in self.partitions if tp not in assigned]:
                 await self._close_partition(self.partitions.pop(tp))
             keep, new = [], []
@@ -270,6 +274,8 @@ class Engine:
             for p in keep:
                 self._rewind(p, count=False)
             opened = await asyncio.gather(*(self._open_partition(tp) for tp in sorted(new)))
+            if not self.paused:
+                self.consumer.resume(*assigned)
             for p in opened:
                 self.partitions[p.tp] = p
                 self.release_since.setdefault(self.active.digest, {}).setdefault(p.tp, p.committed)
@@ -360,6 +366,11 @@ class Engine:
         while True:
             try:
                 await self._process(data)
+                return
+            except KafkaError as exc:
+                # producing failed (broker trouble, or fenced): nothing of the interval commits
+                log.warning("producing a batch failed; rewinding to the last checkpoint", extra={"error": repr(exc)})
+                await self.rewind_all()
                 return
             except ReleaseFailure as exc:
                 retry = await self._release_failed(exc)
@@ -605,28 +616,7 @@ class Engine:
 
     async def _commit_failed(self, p: Partition, exc: BaseException) -> None:
         if isinstance(exc, ProducerFenced):
-            log.error("fenced: another instance owns this partition now; dropping it",
-                      extra={"partition": f"{p.tp.topic}:{p.tp.partition}"})
-            m.CHECKPOINT_ABORTS.labels("fenced").inc()
-            self.consumer.pause(p.tp)
-            p.in_txn = False
-            p.store.discard_pending()
-            self.partitions.pop(p.tp, None)
-            try:
-                await p.producer.stop()
-            except Exception:  # noqa: BLE001
-                pass
-            p.store.close()
-            if p.tp in self.consumer.assignment():
-                # Still ours per the group (e.g. the transaction timed out during a broker outage):
-                # start over from the broker's committed offset with a fresh producer and state.
-                try:
-                    self.partitions[p.tp] = await self._open_partition(p.tp)
-                    self.consumer.resume(p.tp)
-                    log.warning("partition re-opened after being fenced",
-                                extra={"partition": f"{p.tp.topic}:{p.tp.partition}"})
-                except Exception as err:  # noqa: BLE001 - the next rebalance assigns it again
-                    log.error("could not re-open a fenced partition", extra={"error": repr(err)})
+            await self._drop_fenced(p, "fenced at commit")
             return
         log.warning("checkpoint failed; rewinding to the last checkpoint",
                     extra={"partition": f"{p.tp.topic}:{p.tp.partition}", "error": repr(exc)})
@@ -634,24 +624,57 @@ class Engine:
         await self._abort(p)
         self._rewind(p)
 
+    async def _drop_fenced(self, p: Partition, why: str) -> None:
+        """Another producer holds this partition's transactional id (a newer owner, or the broker
+        timed our transaction out). Stop processing it; nothing of ours commits. If the group still
+        says it is ours after a session timeout (no rebalance moved it), start over from the
+        broker's committed offset; a rebalance in the meantime decides instead."""
+        log.error("fenced: another instance owns this partition now; dropping it",
+                  extra={"partition": f"{p.tp.topic}:{p.tp.partition}", "why": why})
+        m.CHECKPOINT_ABORTS.labels("fenced").inc()
+        if p.tp in self.consumer.assignment():
+            self.consumer.pause(p.tp)
+        p.in_txn = False
+        p.store.discard_pending()
+        self.partitions.pop(p.tp, None)
+        try:
+            await p.producer.stop()
+        except Exception:  # noqa: BLE001
+            pass
+        p.store.close()
+        if p.tp in self.consumer.assignment():
+            delay = self.s.kafka.session_timeout_ms / 1000 + 2
+            loop = asyncio.get_running_loop()
+            self._reopen_timers[p.tp] = loop.call_later(delay, lambda tp=p.tp: loop.create_task(self._reopen(tp)))
+
+    async def _reopen(self, tp: TopicPartition) -> None:
+        async with self.lock:
+            self._reopen_timers.pop(tp, None)
+            if self.stopping.is_set() or tp in self.partitions or tp not in self.consumer.assignment():
+                return
+            try:
+                self.partitions[tp] = await self._open_partition(tp)
+            except Exception as err:  # noqa: BLE001 - the next rebalance assigns it again
+                log.error("could not re-open a fenced partition", extra={"error": repr(err)})
+                return
+            if not self.paused:
+                self.consumer.resume(tp)
+            log.warning("partition still ours after a session timeout: re-opened from the committed offset",
+                        extra={"partition": f"{tp.topic}:{tp.partition}"})
+
     async def _abort(self, p: Partition) -> None:
         if not p.in_txn or p.producer is None:
             return
         try:
             await asyncio.wait_for(p.producer.abort_transaction(), 10)
             p.in_txn = False
-            return
-        except Exception as exc:  # noqa: BLE001 - a producer that cannot abort is replaced
-            log.warning("abort failed; replacing the producer", extra={"error": repr(exc)})
-        try:
-            await p.producer.stop()
-        except Exception:  # noqa: BLE001
-            pass
-        p.in_txn = False
-        p.producer = await self._new_producer(p.tp)  # re-init aborts the open transaction
+        except Exception as exc:  # noqa: BLE001 - a producer that cannot abort is fenced or broken
+            await self._drop_fenced(p, f"abort failed: {exc!r}")
 
     def _rewind(self, p: Partition, count: bool = True) -> int:
         """Forget everything since the last checkpoint and seek back to it."""
+        if self.partitions.get(p.tp) is not p:
+            return 0  # dropped meanwhile
         p.store.discard_pending()
         replay = max(0, p.highest - p.committed) if count else 0
         p.position = p.committed
