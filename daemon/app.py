@@ -140,10 +140,11 @@ class App:
             if self.active_bundle is None:
                 await self._sync_registry()
             a_path, s_path = resolve_bundles(s, self.active_bundle, self.standby_bundle)
-            active = await self._load(a_path, "active")
-            standby = None
+            loads = [self._load(a_path, "active")]
             if s_path is not None and s.failover.standby_mode in ("hot", "warm"):
-                standby = await self._load(s_path, "standby")
+                loads.append(self._load(s_path, "standby"))
+            loaded = await asyncio.gather(*loads)  # both model processes start side by side
+            active, standby = loaded[0], (loaded[1] if len(loaded) > 1 else None)
             recorder = ReleaseRecorder(s)
             self.controller = FailoverController(s, loader=self._load, standby_path=s_path,
                                                  recorder=recorder.record_failover)
