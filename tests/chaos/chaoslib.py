@@ -40,15 +40,9 @@ class Timeline:
 
     def __init__(self) -> None:
         self.t0 = time.monotonic()
-        self.lines: list[str] = []
 
     def __call__(self, text: str) -> None:
-        line = f"[{_now()} +{time.monotonic() - self.t0:6.1f}s] {text}"
-        self.lines.append(line)
-        print(line, flush=True)
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
+        print(f"[{_now()} +{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
 
 
 # ---- the broker ---------------------------------------------------------------------------------
@@ -108,9 +102,12 @@ class Exit:
 
 
 class Supervisor:
-    """Runs the daemon like systemd with ``Restart=on-failure``: a daemon that exits unexpectedly is
-    recorded (the test fails on it at the end) and started again, so the exactly-once check still
-    covers the whole stream. A kill -9 by the test is an expected exit, followed by a restart."""
+    """Runs the daemon like systemd with ``Restart=on-failure`` and ``RestartSec=2`` (deploy/systemd):
+    a daemon that exits unexpectedly is recorded (the test fails on it at the end) and started
+    again, so the exactly-once check still covers the whole stream. A kill -9 by the test is an
+    expected exit, followed at once by a restart."""
+
+    RESTART_SEC = 2.0
 
     def __init__(self, config: Path, args: list[str], logdir: Path, timeline: Timeline) -> None:
         self.config = config
@@ -119,6 +116,8 @@ class Supervisor:
         self.timeline = timeline
         self.procs: list[DaemonProc] = []
         self.exits: list[Exit] = []
+        self._died_at: float | None = None
+        self._stopping = False
 
     @property
     def current(self) -> DaemonProc:
@@ -128,6 +127,8 @@ class Supervisor:
         n = len(self.procs) + 1
         d = DaemonProc(self.config, *self.args, log=self.logdir / f"daemon-{n}.log").start()
         self.procs.append(d)
+        self._died_at = None
+        self._stopping = False
         self.timeline(f"daemon #{n} started (pid {d.pid})")
         return d
 
@@ -136,11 +137,16 @@ class Supervisor:
         d = self.current
         if d.alive():
             return True
-        code = d.proc.returncode
-        self.exits.append(Exit(len(self.procs), code, False, d.log()[-5000:]))
-        self.timeline(f"!! daemon #{len(self.procs)} exited on its own with code {code}; restarting it "
-                      "(Restart=on-failure)")
-        self.start()
+        if self._stopping:
+            return False  # stopped on purpose (``sigterm``): no restart
+        if self._died_at is None:
+            self._died_at = time.monotonic()
+            code = d.proc.returncode
+            self.exits.append(Exit(len(self.procs), code, False, d.log()[-5000:]))
+            self.timeline(f"!! daemon #{len(self.procs)} exited on its own with code {code}; restarting it in "
+                          f"{self.RESTART_SEC:.0f}s (Restart=on-failure)")
+        if time.monotonic() - self._died_at >= self.RESTART_SEC:
+            self.start()
         return False
 
     def kill9(self) -> None:
@@ -148,6 +154,26 @@ class Supervisor:
         d.kill9()
         self.exits.append(Exit(len(self.procs), d.proc.returncode, True, ""))
         self.timeline(f"kill -9 of daemon #{len(self.procs)} (pid {d.pid}) and its workers")
+
+    def sigterm(self) -> None:
+        """``systemctl stop``: SIGTERM, no restart when the daemon exits (see ``stopped``)."""
+        self._stopping = True
+        self.current.proc.send_signal(signal.SIGTERM)
+        self.timeline(f"SIGTERM to daemon #{len(self.procs)} (pid {self.current.pid})")
+
+    async def stopped(self, timeout: float) -> int | None:
+        """Exit code of a daemon stopped with ``sigterm``; None (and kill -9, as systemd does after
+        TimeoutStopSec) when it is still running after ``timeout`` seconds."""
+        d = self.current
+        try:
+            await kafkatools.wait_for(lambda: not d.alive(), timeout=timeout, interval=0.2, what="the daemon to stop")
+        except AssertionError:
+            d.kill9()
+            self.exits.append(Exit(len(self.procs), None, True, ""))
+            self.timeline(f"daemon #{len(self.procs)} still running {timeout:.0f}s after SIGTERM: kill -9")
+            return None
+        self.exits.append(Exit(len(self.procs), d.proc.returncode, True, ""))
+        return d.proc.returncode
 
     def unexpected_exits(self) -> list[Exit]:
         return [e for e in self.exits if not e.expected]
@@ -197,7 +223,6 @@ class Feeder:
         self.extra = 0
         self.producer: AIOKafkaProducer | None = None
         self.injection: asyncio.Task | None = None
-        self.done = asyncio.Event()
 
     async def _producer(self) -> AIOKafkaProducer:
         if self.producer is None:
@@ -271,7 +296,6 @@ class Feeder:
                 await self.injection
         finally:
             await self._reset_producer()
-            self.done.set()
 
 
 # ---- progress -----------------------------------------------------------------------------------
@@ -313,6 +337,26 @@ class Progress:
     async def total_committed(self) -> int:
         return sum((await self.committed()).values())
 
-    async def caught_up(self) -> bool:
-        ends, committed = await self.ends(), await self.committed()
+    async def caught_up(self, ends: dict[int, int] | None = None) -> bool:
+        """Every partition committed up to ``ends`` (default: the current end offsets)."""
+        ends = ends or await self.ends()
+        committed = await self.committed()
         return bool(ends) and all(committed.get(p, -1) >= end for p, end in ends.items())
+
+
+# nanosleep and clock_nanosleep (what time.sleep calls) on x86_64 and aarch64
+_SLEEP_SYSCALLS = {"x86_64": {"35", "230"}, "aarch64": {"101", "115"}}
+
+
+def sleeping_in_model(pid: int) -> bool:
+    """True while process ``pid`` sleeps in a timer (``time.sleep`` in the model's predict: a "hang"
+    or "slow" record is being processed), not waiting on its request pipe. Reads the kernel's
+    ``/proc/PID/wchan``; where that is hidden ("0"), the current system call in ``/proc/PID/syscall``."""
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+        if wchan not in ("", "0"):
+            return wchan in ("hrtimer_nanosleep", "do_nanosleep")
+        syscall = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+        return syscall in _SLEEP_SYSCALLS.get(os.uname().machine, set())
+    except (OSError, IndexError):
+        return False
