@@ -16,6 +16,11 @@ from daemon.errors import RegistryError
 
 log = logging.getLogger("failoverd.app")
 
+STOP_GRACE_S = 5.0
+"""After SIGTERM, how long the loop may keep waiting on one step before it is interrupted."""
+STOP_BACKSTOP_S = 27.0
+"""After SIGTERM, exit no matter what (systemd's TimeoutStopSec is 30 s)."""
+
 
 def resolve_bundles(settings, active_bundle: Path | None, standby_bundle: Path | None) -> tuple[Path, Path | None]:
     """Bundle archives for the active and standby channels: explicit paths win, else the registry."""
@@ -118,6 +123,44 @@ class App:
         self.notifier.stopping()
         if self.engine is not None:
             self.engine.stop()
+        loop = asyncio.get_running_loop()
+        # A step that waits on the broker (a commit while it is down) must not hold the stop:
+        # interrupt the loop after a grace period; close() then runs on one shared deadline.
+        loop.call_later(STOP_GRACE_S, self._interrupt_engine)
+        loop.call_later(STOP_BACKSTOP_S, self._force_exit, "shutdown deadline passed")
+
+    def _interrupt_engine(self) -> None:
+        task = self.engine_task
+        if task is not None and not task.done() and not self.engine_closing():
+            log.warning("the loop is still busy (broker down?): interrupting it to shut down")
+            task.cancel()
+
+    def engine_closing(self) -> bool:
+        return self.engine is not None and self.engine.closing
+
+    def _force_exit(self, why: str) -> None:
+        log.error("forcing exit", extra={"why": why})
+        for rel in (self.engine.active, self.engine.standby) if self.engine else ():
+            if rel is not None:
+                rel.worker.kill()
+        os._exit(1)
+
+    async def _start_engine(self) -> None:
+        """Connect, waiting for the broker with backoff (as long as it takes, unless stopped)."""
+        from aiokafka.errors import KafkaConnectionError
+
+        delay = 0.5
+        while True:
+            try:
+                await self.engine.start()
+                return
+            except KafkaConnectionError as exc:
+                if self.engine.stopping.is_set():
+                    raise
+                log.warning("Kafka not reachable; retrying", extra={"in_s": delay, "error": str(exc)})
+                self.notifier.status(f"waiting for Kafka at {self.settings.kafka.bootstrap_servers}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def run(self) -> int:
         from daemon.admin import AdminServer, load_token
@@ -143,26 +186,38 @@ class App:
             loads = [self._load(a_path, "active")]
             if s_path is not None and s.failover.standby_mode in ("hot", "warm"):
                 loads.append(self._load(s_path, "standby"))
-            loaded = await asyncio.gather(*loads)  # both model processes start side by side
-            active, standby = loaded[0], (loaded[1] if len(loaded) > 1 else None)
+            # The model processes start while Kafka connects, joins the group and restores state.
+            loading = asyncio.ensure_future(asyncio.gather(*loads))
             recorder = ReleaseRecorder(s)
             self.controller = FailoverController(s, loader=self._load, standby_path=s_path,
                                                  recorder=recorder.record_failover)
-            self.engine = Engine(s, active=active, standby=standby, on_failure=self.controller.handle,
+            self.engine = Engine(s, active=None, standby=None, on_failure=self.controller.handle,
                                  observers=[self.controller.observe])
             self.engine.on_change = self.controller.apply_change
             self.controller.attach(self.engine)
-            self.notifier.status("joining the consumer group and restoring state")
-            await self.engine.start()
+            self.notifier.status("loading releases, joining the consumer group and restoring state")
+            try:
+                await self._start_engine()
+                loaded = await loading
+            except BaseException:
+                loading.cancel()
+                await asyncio.gather(loading, return_exceptions=True)
+                await self.engine.close()
+                raise
+            self.engine.set_releases(loaded[0], loaded[1] if len(loaded) > 1 else None)
             watcher = ControlWatcher(s, self.engine, self.controller)
             background.append(asyncio.create_task(watcher.follow(), name="control-watcher"))
             background.append(asyncio.create_task(self._notify_ready(), name="sd-ready"))
             stop_watchdog = asyncio.Event()
             background.append(asyncio.create_task(
-                watchdog_loop(self.notifier, lambda: AppControl(self).healthy() and not self.engine.paused,
+                watchdog_loop(self.notifier, lambda: AppControl(self).healthy(),
                               stop_watchdog), name="sd-watchdog"))
             self.engine_task = asyncio.create_task(self.engine.run(), name="engine")
-            await self.engine_task
+            try:
+                await self.engine_task
+            except asyncio.CancelledError:
+                if not self.engine.stopping.is_set():
+                    raise  # not our interruption
         finally:
             self.notifier.stopping()
             for task in background:
@@ -173,6 +228,9 @@ class App:
                     await stop()
                 except Exception:  # noqa: BLE001
                     log.exception("server stop failed")
+        if self.engine.fatal is not None:
+            log.error("stopped on a fatal error", extra={"error": repr(self.engine.fatal)})
+            return 1
         if self.engine.failure is not None:
             log.error("stopped after a release failure with no failover", extra={"error": str(self.engine.failure)})
             return 1

@@ -42,11 +42,17 @@ class _Listener(ConsumerRebalanceListener):
         await self.engine._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned) -> None:
-        await self.engine._on_assigned(set(assigned))
+        try:
+            await self.engine._on_assigned(set(assigned))
+        except Exception as exc:  # noqa: BLE001 - aiokafka would only log it and go on with nothing
+            log.critical("could not take the assigned partitions; stopping so the supervisor restarts us",
+                         extra={"error": repr(exc)})
+            self.engine.fatal = exc
+            self.engine.stop()
 
 
 class Engine:
-    def __init__(self, settings, *, active: LoadedRelease, standby: LoadedRelease | None = None,
+    def __init__(self, settings, *, active: LoadedRelease | None, standby: LoadedRelease | None = None,
                  instance_id: str | None = None, on_failure: FailureHandler | None = None,
                  observers: list[BatchObserver] | None = None) -> None:
         self.s = settings
@@ -73,6 +79,9 @@ class Engine:
         self.paused = False
         self.pause_reason = ""
         self.failure: ReleaseFailure | None = None
+        self.closing = False
+        self.fatal: BaseException | None = None
+        """An error the engine cannot continue after (e.g. a partition could not be opened)."""
         self.assigned_once = asyncio.Event()
         self.restoring: dict[TopicPartition, int] = {}
         self.last_checkpoint: float | None = None
@@ -96,6 +105,20 @@ class Engine:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
+        """Connect to Kafka; on failure everything started so far is stopped again (retry-safe)."""
+        try:
+            await self._start()
+        except BaseException:
+            for client in (self.consumer, self.restorer, self.shared_producer):
+                if client is not None:
+                    try:
+                        await asyncio.wait_for(client.stop(), 5)
+                    except Exception:  # noqa: BLE001
+                        pass
+            self.consumer = self.restorer = self.shared_producer = None
+            raise
+
+    async def _start(self) -> None:
         k = self.s.kafka
         m.init_labels()
         # Restore reads to the end of the changelog, whose tail is a transaction marker (no record
@@ -111,7 +134,7 @@ class Engine:
             group_id=self.group, group_instance_id=k.group_instance_id, enable_auto_commit=False,
             isolation_level="read_committed", auto_offset_reset="earliest",
             session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
-            max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=50, **self._common)
+            max_partition_fetch_bytes=1024 * 1024, fetch_max_wait_ms=50, **self._common)
         self.consumer.subscribe(list(self.s.inputs.topics), listener=_Listener(self))
         await self.consumer.start()
         self._out_parts = await self._partitions_of(self._out_topic)
@@ -137,6 +160,13 @@ class Engine:
         if self._input_parts.get(p.tp.topic) == self._out_parts:
             return p.tp.partition
         return self._out_partitioner(key)
+
+    def set_releases(self, active: LoadedRelease, standby: LoadedRelease | None) -> None:
+        """Install the releases once their workers are up (they load while Kafka connects)."""
+        self.active, self.standby = active, standby
+        for tp, p in self.partitions.items():
+            self.release_since.setdefault(active.digest, {}).setdefault(tp, p.committed)
+        self._publish_release_info()
 
     def _publish_release_info(self) -> None:
         m.RELEASE_INFO.clear()
@@ -181,29 +211,42 @@ class Engine:
             await self.close()
 
     async def close(self, deadline: float = 20.0) -> None:
-        """Final checkpoint unless a release failed (then abort), then close clients and workers."""
-        async with self.lock:
+        """Final checkpoint unless a release failed (then abort), then close clients and workers,
+        all within one shared deadline (systemd's TimeoutStopSec is 30 s)."""
+        self.closing = True
+        end = time.monotonic() + deadline
+
+        def left(cap: float) -> float:
+            return max(0.1, min(cap, end - time.monotonic()))
+
+        try:
+            await asyncio.wait_for(self.lock.acquire(), left(deadline / 2))
+            locked = True
+        except asyncio.TimeoutError:
+            locked = False  # a step holding the lock is stuck (broker down): close around it
+        try:
             try:
-                if self.failure is None and not self.paused:
-                    await asyncio.wait_for(self.checkpoint(), deadline / 2)
+                if locked and self.failure is None and not self.paused and self.fatal is None:
+                    await asyncio.wait_for(self.checkpoint(), left(deadline / 2))
             except Exception as exc:  # noqa: BLE001 - shutdown goes on; nothing uncommitted is visible
                 log.warning("final checkpoint failed; aborting", extra={"error": repr(exc)})
-            for p in list(self.partitions.values()):
-                await self._close_partition(p)
-            self.partitions.clear()
-        for client in (self.consumer, self.restorer, self.shared_producer):
-            if client is not None:
-                try:
-                    await asyncio.wait_for(client.stop(), deadline / 4)
-                except Exception:  # noqa: BLE001
-                    pass
+            parts, self.partitions = list(self.partitions.values()), {}
+            await asyncio.gather(*(self._close_partition(p, left(5)) for p in parts))
+        finally:
+            if locked:
+                self.lock.release()
+        await asyncio.gather(*(asyncio.wait_for(c.stop(), left(5)) for c in
+                               (self.consumer, self.restorer, self.shared_producer) if c is not None),
+                             return_exceptions=True)
         for rel in (self.active, self.standby):
             if rel is not None:
-                await rel.worker.close()
+                await rel.worker.close(timeout=left(3))
         m.READY.set(0)
 
     # ---- status -------------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
+        if self.active is None:
+            return False, "loading the active release"
         if self.paused:
             return False, f"paused: {self.pause_reason}"
         if self.failure is not None:
@@ -275,12 +318,19 @@ class Engine:
                 new.append(tp)
             for p in keep:
                 self._rewind(p, count=False)
-            opened = await asyncio.gather(*(self._open_partition(tp) for tp in sorted(new)))
+            results = await asyncio.gather(*(self._open_partition(tp) for tp in sorted(new)), return_exceptions=True)
+            opened = [r for r in results if not isinstance(r, BaseException)]
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                for p in opened:
+                    await self._close_partition(p)
+                raise failed[0]
             if not self.paused:
                 self.consumer.resume(*assigned)
             for p in opened:
                 self.partitions[p.tp] = p
-                self.release_since.setdefault(self.active.digest, {}).setdefault(p.tp, p.committed)
+                if self.active is not None:
+                    self.release_since.setdefault(self.active.digest, {}).setdefault(p.tp, p.committed)
             log.info("partitions assigned", extra={"assigned": sorted(f"{t.topic}:{t.partition}" for t in assigned),
                                                    "kept": len(keep), "opened": len(new)})
             self.policy.reset()
@@ -349,16 +399,17 @@ class Engine:
         log.info("state restored", extra={"partition": f"{tp.topic}:{tp.partition}", "records": applied,
                                           "seconds": round(time.monotonic() - t0, 3)})
 
-    async def _close_partition(self, p: Partition) -> None:
+    async def _close_partition(self, p: Partition, timeout: float = 5.0) -> None:
+        end = time.monotonic() + timeout
         if p.in_txn and p.producer is not None:
             try:
-                await asyncio.wait_for(p.producer.abort_transaction(), 5)
-            except Exception:  # noqa: BLE001
+                await asyncio.wait_for(p.producer.abort_transaction(), max(0.1, end - time.monotonic()))
+            except Exception:  # noqa: BLE001 - the broker aborts it at the transaction timeout
                 pass
             p.in_txn = False
         if p.producer is not None:
             try:
-                await asyncio.wait_for(p.producer.stop(), 5)
+                await asyncio.wait_for(p.producer.stop(), max(0.1, end - time.monotonic()))
             except Exception:  # noqa: BLE001
                 pass
         p.store.close()
@@ -631,7 +682,7 @@ class Engine:
         timed our transaction out). Stop processing it; nothing of ours commits. If the group still
         says it is ours after a session timeout (no rebalance moved it), start over from the
         broker's committed offset; a rebalance in the meantime decides instead."""
-        log.error("fenced: another instance owns this partition now; dropping it",
+        log.error("fenced or unable to abort: dropping the partition until it is ours again",
                   extra={"partition": f"{p.tp.topic}:{p.tp.partition}", "why": why})
         m.CHECKPOINT_ABORTS.labels("fenced").inc()
         if p.tp in self.consumer.assignment():
@@ -676,7 +727,10 @@ class Engine:
     def _rewind(self, p: Partition, count: bool = True) -> int:
         """Forget everything since the last checkpoint and seek back to it."""
         if self.partitions.get(p.tp) is not p:
-            return 0  # dropped meanwhile
+            # dropped meanwhile (fenced or abort failed): it is re-read from its checkpoint when re-opened
+            replay = max(0, p.highest - p.committed) if count else 0
+            self.replayed_total += replay
+            return replay
         p.store.discard_pending()
         replay = max(0, p.highest - p.committed) if count else 0
         p.position = p.committed
