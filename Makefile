@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help install demo test test-unit kafka-up kafka-down kafka-status bench clean
+.PHONY: help install demo test test-unit kafka-up kafka-down kafka-status bench bench-failover bench-peers bench-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -37,9 +37,20 @@ kafka-down: $(STAMP)  ## stop the local broker
 kafka-status: $(STAMP)  ## is the local broker up, and where
 	$(BIN)/failoverd kafka status
 
-bench: $(STAMP)  ## run the benchmarks (see docs/BENCHMARKS.md)
+bench-deps: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
+
+bench: bench-deps  ## throughput vs a plain aiokafka loop (docs/BENCHMARKS.md; --quick for ~1 min)
 	$(BIN)/failoverd kafka up
 	$(BIN)/python bench/throughput.py
+
+bench-failover: bench-deps  ## failover time per standby mode vs a rebalance
+	$(BIN)/failoverd kafka up
+	$(BIN)/python bench/failover.py
+
+bench-peers: bench-deps  ## failoverd vs Quix Streams vs faust-streaming vs a plain loop
+	$(BIN)/failoverd kafka up
+	$(BIN)/python bench/peers/run.py
 
 clean:  ## remove the venv and local broker data
 	-$(BIN)/failoverd kafka down

@@ -123,8 +123,15 @@ async def delete_prefixed(prefix: str) -> None:
 def produce(topic: str, records: list[tuple[bytes, bytes]], partition_of=None) -> float:
     """Produce fast with librdkafka (confluent-kafka, a quixstreams dependency); Java-compatible
     murmur2 partitioning by key, so every system sees the same partition of every key.
-    Returns the seconds it took. ``partition_of(i)`` forces partitions (None = by key)."""
-    from confluent_kafka import Producer
+    Returns the seconds it took. ``partition_of(i)`` forces partitions (None = by key).
+    Without confluent-kafka (the `bench` extra), falls back to aiokafka (slower, same partitioning)."""
+    try:
+        from confluent_kafka import Producer
+    except ImportError:
+        import concurrent.futures  # callers may be inside an event loop: run it on a thread of its own
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, _produce_aiokafka(topic, records, partition_of)).result()
 
     p = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 20, "batch.size": 1 << 20,
                   "queue.buffering.max.messages": 1_000_000, "acks": "all", "partitioner": "murmur2_random",
@@ -154,6 +161,22 @@ def produce(topic: str, records: list[tuple[bytes, bytes]], partition_of=None) -
     return time.monotonic() - t0
 
 
+async def _produce_aiokafka(topic: str, records, partition_of) -> float:
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=20, max_batch_size=1 << 20)
+    await p.start()
+    t0 = time.monotonic()
+    try:
+        futs = []
+        for i, (k, v) in enumerate(records):
+            futs.append(await p.send(topic, v, key=k, partition=None if partition_of is None else partition_of(i)))
+        await asyncio.gather(*futs)
+    finally:
+        await p.stop()
+    return time.monotonic() - t0
+
+
 async def partition_count(topic: str) -> int:
     from aiokafka import AIOKafkaConsumer
 
@@ -174,7 +197,7 @@ async def partition_count(topic: str) -> int:
 async def read_all(topic: str, *, isolation: str = "read_committed", expect: int | None = None,
                    timeout: float = 120.0, values: bool = True) -> list:
     """Every record of ``topic`` from the start (read_committed by default): (partition, offset, key,
-    value, headers) tuples, or only a count when ``values`` is false (returns list of None)."""
+    value, headers, timestamp ms) tuples, or only a count when ``values`` is false (list of None)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     c = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, group_id=None, enable_auto_commit=False,
@@ -201,7 +224,7 @@ async def read_all(topic: str, *, isolation: str = "read_committed", expect: int
             batch = await c.getmany(timeout_ms=200, max_records=50000)
             for tp, recs in batch.items():
                 if values:
-                    out.extend((r.partition, r.offset, r.key, r.value, r.headers) for r in recs)
+                    out.extend((r.partition, r.offset, r.key, r.value, r.headers, r.timestamp) for r in recs)
                 else:
                     out.extend([None] * len(recs))
             if expect is not None and done:
@@ -257,6 +280,16 @@ class GroupWatcher:
             if alive is not None and not alive():
                 raise RuntimeError(f"group {self.group}: process under test exited with {last} of {total} committed")
             await asyncio.sleep(interval)
+
+
+def steady_rate(t: dict, n: int, t_spawn: float) -> tuple[float, bool]:
+    """(records/s from the first to the last commit, True) — or, when the run was too short for that
+    to mean anything (first commit already held half the records, or < 0.3 s between them),
+    (records/s from process spawn, False)."""
+    span = t["t_end"] - t["t_first"]
+    if span >= 0.3 and t["c_first"] < n / 2:
+        return (n - t["c_first"]) / span, True
+    return n / (t["t_end"] - t_spawn), False
 
 
 # ---- processes -------------------------------------------------------------------------------
@@ -355,12 +388,15 @@ def build_bundle(src: Path, out: Path) -> Path:
 
 
 def daemon_topics(prefix: str, partitions: int) -> dict:
-    return {role: unique(f"{prefix}-{role}") for role in ("output", "dlq", "changelog", "checkpoint")}
+    return {role: unique(f"{prefix}-{role}") for role in ("output", "dlq", "changelog", "checkpoint", "control")}
 
 
 async def create_daemon_topics(names: dict, partitions: int) -> None:
+    """Every topic the daemon uses, as `failoverd topics apply` would (a missing control topic would make
+    the daemon poll for it for 10 s at start, refreshing full cluster metadata every 0.2 s)."""
     await create_topics({names["output"]: partitions, names["dlq"]: 1, names["changelog"]: partitions,
-                         names["checkpoint"]: 1}, compact=(names["changelog"], names["checkpoint"]))
+                         names["checkpoint"]: 1, names["control"]: 1},
+                        compact=(names["changelog"], names["checkpoint"], names["control"]))
 
 
 def write_config(path: Path, *, input_topic: str, names: dict, state_dir: Path, group: str, app: str,
@@ -373,8 +409,9 @@ def write_config(path: Path, *, input_topic: str, names: dict, state_dir: Path, 
         "dead_letter": {"topic": names["dlq"]},
         "checkpoint": {"interval_ms": 100, "topic": names["checkpoint"]},
         "state": {"directory": str(state_dir), "changelog_topic": names["changelog"]},
-        "registry": {"path": str(state_dir / "registry"), "control_topic": "bench-unused-control"},
+        "registry": {"path": str(state_dir / "registry"), "control_topic": names["control"]},
         "metrics": {"port": 0},
+        "admin": {"bind": "127.0.0.1:0"},  # any free port: several daemons run side by side
     }
     for section, values in (extra or {}).items():
         sections.setdefault(section, {}).update(values)
@@ -458,11 +495,28 @@ def environment() -> dict:
         "orjson": _pkg_version("orjson"), "python": platform.python_version(),
         "nproc": os.cpu_count(), "cpu": cpu, "ram": mem, "kernel": platform.release(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": _git_commit(),
     }
 
 
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "daemon"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return head + (" + uncommitted changes under daemon/" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def env_block(env: dict) -> str:
-    return (f"- versions: failoverd {env['failoverd']}, aiokafka {env['aiokafka']}, Apache Kafka {env['kafka']} "
+    code = f"failoverd commit {env.get('commit', 'unknown')}"
+    if env.get("commit_end") and env["commit_end"] != env.get("commit"):
+        code = (f"failoverd commit {env.get('commit', 'unknown')} at the start; **the engine changed during the "
+                f"run**: {env['commit_end']} at the end (see the notes below for which phases ran on which)")
+    return (f"- code: {code}\n"
+            f"- versions: failoverd {env['failoverd']}, aiokafka {env['aiokafka']}, Apache Kafka {env['kafka']} "
             f"(single-node KRaft broker on 127.0.0.1, shared with other work while measuring), "
             f"quixstreams {env['quixstreams']} (confluent-kafka {env['confluent-kafka']}), "
             f"faust-streaming {env['faust-streaming']}, orjson {env['orjson']}, Python {env['python']}\n"

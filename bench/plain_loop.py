@@ -76,7 +76,7 @@ async def main(args) -> int:
     consumer = AIOKafkaConsumer(args.input, bootstrap_servers=args.bootstrap, group_id=args.group,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 isolation_level="read_committed", max_partition_fetch_bytes=4 << 20,
-                                fetch_max_wait_ms=50)
+                                fetch_max_wait_ms=50, group_instance_id=args.instance_id)
     producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, acks="all", enable_idempotence=True,
                                 linger_ms=10, max_batch_size=512 * 1024)
     await producer.start()
@@ -118,4 +118,5 @@ if __name__ == "__main__":
     ap.add_argument("--group", required=True)
     ap.add_argument("--workload", choices=("score", "peers"), default="score")
     ap.add_argument("--commit-interval", type=float, default=0.1)
+    ap.add_argument("--instance-id", default=None, help="group.instance.id (static membership)")
     sys.exit(asyncio.run(main(ap.parse_args())))

@@ -206,6 +206,7 @@ class Engine:
                         await self.on_change(self, change)
                     self._update_lag()
                     self._watch_standby()
+                    self._watch_active()
                     m.READY.set(1 if self.ready()[0] else 0)
         finally:
             await self.close()
@@ -272,6 +273,17 @@ class Engine:
             "partitions": parts, "last_checkpoint": self.last_checkpoint,
             "exactly_once": self.eos, "replayed_total": self.replayed_total,
         }
+
+    def _watch_active(self) -> None:
+        """A model process that died between batches is a failure now, not at the next batch."""
+        rel = self.active
+        proc = getattr(rel.worker, "_proc", None) if rel is not None else None
+        if proc is not None and proc.returncode is not None and self.pending_failure is None and not self.paused:
+            from daemon.errors import WorkerCrashed
+
+            rel.worker.dead = True
+            self.pending_failure = WorkerCrashed(f"{rel.channel} worker (pid {proc.pid}) exited with code "
+                                                 f"{proc.returncode} between batches")
 
     def _watch_standby(self) -> None:
         """Notice a standby worker that died while idle (so readiness metrics tell the truth)."""

@@ -57,7 +57,7 @@ class StateStore:
         self.overlay: dict[tuple[str, bytes], bytes | None] = {}
         self.overlay_position: int | None = None
         self.cache: dict[tuple[str, bytes], bytes | None] = {}
-        self.last_flush = time.monotonic()
+        self.last_flush = 0.0  # the first commit reaches SQLite at once: a position exists from the start
 
     # ---- position ---------------------------------------------------------------------------
     def position(self) -> int:
@@ -155,16 +155,17 @@ class StateStore:
         db = self.db
         db.execute("BEGIN")
         try:
+            latest: dict[tuple[str, bytes], bytes | None] = {}
             for raw_key, value in records:
                 parts = split_changelog_key(raw_key)
                 if parts is None or parts[0] != topic:
                     continue
-                _, ns, key = parts
-                if value is None:
-                    db.execute("DELETE FROM kv WHERE ns=? AND key=?", (ns, key))
-                else:
-                    db.execute("INSERT OR REPLACE INTO kv (ns, key, value) VALUES (?, ?, ?)", (ns, key, value))
+                latest[(parts[1], parts[2])] = value  # compaction within the batch: the last write wins
                 applied += 1
+            db.executemany("INSERT OR REPLACE INTO kv (ns, key, value) VALUES (?, ?, ?)",
+                           [(ns, k, v) for (ns, k), v in latest.items() if v is not None])
+            db.executemany("DELETE FROM kv WHERE ns=? AND key=?",
+                           [(ns, k) for (ns, k), v in latest.items() if v is None])
             db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('changelog_position', ?)", (str(position),))
             db.execute("COMMIT")
         except BaseException:
