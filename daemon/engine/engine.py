@@ -95,6 +95,7 @@ class Engine:
         self._restore_lock = asyncio.Lock()
         self._reopen_timers: dict[TopicPartition, asyncio.TimerHandle] = {}
         self._active_predict_s: float | None = None
+        self._inflight: _Batch | None = None
         self._common = settings.kafka.client_kwargs()
         self._out_topic = settings.output.topic
         self._dlq_topic = settings.dead_letter.topic
@@ -184,6 +185,8 @@ class Engine:
             while not self.stopping.is_set():
                 if self.paused or not self.partitions:
                     wait = 0.2
+                elif self._inflight is not None:
+                    wait = 0.001  # the model is busy: take what is buffered, else write its results
                 else:
                     wait = self.policy.time_left() if self.policy.records else 0.5
                 data = await self.consumer.getmany(timeout_ms=max(1, int(wait * 1000)),
@@ -193,15 +196,19 @@ class Engine:
                         break
                     if self.pending_failure is not None and not self.paused:
                         exc, self.pending_failure = self.pending_failure, None
+                        await self._discard_inflight()
                         await self._release_failed(exc)
                         continue
                     if data and not self.paused:
                         await self._handle(data)
+                    elif self._inflight is not None:
+                        await self._drain()
                     if self.policy.due() or (self.checkpoint_asap and self.policy.records):
                         self.checkpoint_asap = False
                         await self.checkpoint()
                     if self.pending_change is not None and self.on_change is not None:
                         change, self.pending_change = self.pending_change, None
+                        await self._drain()
                         await self.checkpoint()  # a release change takes effect at a checkpoint boundary
                         await self.on_change(self, change)
                     self._update_lag()
@@ -228,7 +235,10 @@ class Engine:
         try:
             try:
                 if locked and self.failure is None and not self.paused and self.fatal is None:
+                    await asyncio.wait_for(self._drain(), left(deadline / 4))
                     await asyncio.wait_for(self.checkpoint(), left(deadline / 2))
+                else:
+                    await asyncio.wait_for(self._discard_inflight(), left(deadline / 4))
             except Exception as exc:  # noqa: BLE001 - shutdown goes on; nothing uncommitted is visible
                 log.warning("final checkpoint failed; aborting", extra={"error": repr(exc)})
             parts, self.partitions = list(self.partitions.values()), {}
@@ -304,6 +314,7 @@ class Engine:
     # ---- partitions: assignment, restore, revocation --------------------------------------------
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.lock:
+            await self._drain()
             if any(tp in self.partitions for tp in revoked):
                 try:
                     await self.checkpoint()
@@ -427,32 +438,70 @@ class Engine:
         p.store.close()
 
     # ---- the batch ----------------------------------------------------------------------------
-    async def _handle(self, data: dict) -> None:
-        while True:
-            try:
-                await self._process(data)
-                return
-            except KafkaError as exc:
-                # producing failed (broker trouble, or fenced): nothing of the interval commits
-                log.warning("producing a batch failed; rewinding to the last checkpoint", extra={"error": repr(exc)})
-                await self.rewind_all()
-                return
-            except ReleaseFailure as exc:
-                retry = await self._release_failed(exc)
-                if not retry:
-                    return
-                data = {}  # partitions were rewound to the checkpoint; the next fetch replays
+    # The batch path is pipelined by one batch: once batch N's new states are stored, batch N+1
+    # goes to the model, and N's outputs are written (and checkpoints committed) while the model
+    # computes N+1. N+1 reads state after N's writes, so per-key state is exact. A partition's
+    # ``position`` (what a checkpoint commits) only covers batches whose outputs were written.
 
-    async def _process(self, data: dict) -> None:
-        t0 = time.monotonic()
+    async def _handle(self, data: dict) -> None:
+        await self._guard(self._pipeline(data))
+
+    async def _drain(self) -> None:
+        """Finish the batch in flight (outputs written), e.g. before a handover or a release change."""
+        if self._inflight is not None:
+            await self._guard(self._drain_unguarded())
+
+    async def _drain_unguarded(self) -> None:
+        batch, self._inflight = self._inflight, None
+        if batch is not None:
+            await self._collect(batch)
+            await self._emit(batch)
+
+    async def _guard(self, coro) -> None:
+        try:
+            await coro
+        except KafkaError as exc:
+            # producing failed (broker trouble, or fenced): nothing of the interval commits
+            log.warning("producing a batch failed; rewinding to the last checkpoint", extra={"error": repr(exc)})
+            await self._discard_inflight()
+            await self.rewind_all()
+        except ReleaseFailure as exc:
+            await self._discard_inflight()
+            await self._release_failed(exc)  # rewinds; the next fetch replays from the checkpoint
+
+    async def _discard_inflight(self) -> None:
+        """Drop the batch in flight; its records are fetched again from what was written."""
+        batch, self._inflight = self._inflight, None
+        if batch is None:
+            return
+        if batch.task is not None:
+            await asyncio.gather(batch.task, return_exceptions=True)  # never leave a reply in the pipe
+        for p in batch.ends:
+            if self.partitions.get(p.tp) is p:
+                p.fetched = p.position
+                self.consumer.seek(p.tp, p.position)
+
+    async def _pipeline(self, data: dict) -> None:
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            self._inflight = previous  # still ours to discard if collecting fails
+            await self._collect(previous)
+            self._inflight = None
+        batch = self._prepare(data)
+        shadow = self.shadow and self.standby is not None and not getattr(self.standby.worker, "dead", False)
+        if batch is not None:
+            if batch.items and not shadow:
+                batch.task = asyncio.get_running_loop().create_task(self._predict(batch))
+            self._inflight = batch
+        if previous is not None:
+            await self._emit(previous)
+        if shadow and self._inflight is not None:
+            await self._drain_unguarded()
+
+    def _prepare(self, data: dict) -> "_Batch | None":
         rel = self.active
         ns = rel.ns
-        rel_headers = rel.headers
-        items: list[tuple] = []
-        refs: list[tuple[Partition, object]] = []
-        direct: list[tuple[Partition, object, str, str]] = []
-        skey_owner: list[tuple[Partition, bytes]] = []
-        states: list[bytes | None] = []
+        b = _Batch(rel)
         for tp, records in data.items():
             p = self.partitions.get(tp)
             if p is None:
@@ -460,13 +509,13 @@ class Engine:
             keys: dict[bytes, int] = {}
             n = 0
             for r in records:
-                if r.offset < p.position:
-                    continue  # already processed (a seek raced with a prefetched batch)
+                if r.offset < p.fetched:
+                    continue  # already handed to the model (a seek raced with a prefetched batch)
                 n += 1
                 value = r.value
                 if value is None or len(value) > self._max_value:
-                    direct.append((p, r, "oversized" if value is not None else "bad_json",
-                                   f"{len(value)} bytes > {self._max_value}" if value is not None else "null value"))
+                    b.direct.append((p, r, "oversized" if value is not None else "bad_json",
+                                     f"{len(value)} bytes > {self._max_value}" if value is not None else "null value"))
                     continue
                 key = r.key
                 if key is None:
@@ -474,47 +523,60 @@ class Engine:
                 else:
                     sk = keys.get(key)
                     if sk is None:
-                        sk = keys[key] = len(skey_owner)
-                        skey_owner.append((p, key))
-                items.append((key, value, sk))
-                refs.append((p, r))
+                        sk = keys[key] = len(b.skey_owner)
+                        b.skey_owner.append((p, key))
+                b.items.append((key, value, sk))
+                b.refs.append((p, r))
             if n:
                 m.RECORDS_IN.labels(tp.topic, p.partition_b.decode()).inc(n)
-                p.position = max(p.position, records[-1].offset + 1)
-                p.highest = max(p.highest, p.position)
-                p.uncommitted += n
-                self.policy.add(n)
+                end = records[-1].offset + 1
+                p.fetched = max(p.fetched, end)
+                b.ends[p] = (end, n)
             if keys:
                 got = p.store.get_many(ns, list(keys))
-                states.extend(got[k] for k in keys)  # dict order = skey order
+                b.states.extend(got[k] for k in keys)  # dict order = skey order
+        if not b.ends:
+            return None
+        return b
 
-        results: list[tuple] = []
-        if items:
-            tp0 = time.monotonic()
-            self._active_predict_s = None
-            if self.shadow and self.standby is not None and not getattr(self.standby.worker, "dead", False):
-                results, new_states = await self._predict_with_shadow(items, states, skey_owner)
-            else:
-                results, new_states = await rel.worker.process(items, states)
-            # the active's own latency (a slow hot standby must not count against the active)
-            predict_s = self._active_predict_s if self._active_predict_s is not None else time.monotonic() - tp0
-            m.PREDICT_SECONDS.labels(rel.channel).observe(predict_s)
+    async def _predict(self, b: "_Batch"):
+        t0 = time.monotonic()
+        results, new_states = await b.release.worker.process(b.items, b.states)
+        return results, new_states, time.monotonic() - t0
+
+    async def _collect(self, b: "_Batch") -> None:
+        """Wait for the model's answer and store the batch's new states."""
+        if b.items:
+            if b.task is not None:
+                b.results, new_states, b.predict_s = await b.task
+            else:  # hot standby: active and standby side by side, not pipelined
+                tp0 = time.monotonic()
+                self._active_predict_s = None
+                b.results, new_states = await self._predict_with_shadow(b.items, b.states, b.skey_owner)
+                b.predict_s = self._active_predict_s if self._active_predict_s is not None else time.monotonic() - tp0
+            m.PREDICT_SECONDS.labels(b.release.channel).observe(b.predict_s)
+            ns = b.release.ns
             for sk, st in new_states.items():
-                p, key = skey_owner[sk]
+                p, key = b.skey_owner[sk]
                 p.store.put(ns, key, st)
-        else:
-            predict_s = 0.0
+        b.collected = True
 
+    async def _emit(self, b: "_Batch") -> None:
+        """Write the batch's outputs and dead letters; only then does its input count as processed."""
+        t0 = time.monotonic()
+        rel_headers = b.release.headers
+        results, refs, direct = b.results, b.refs, b.direct
         out = self._out_topic
         sink = BatchSink()
         counts_out: dict[Partition, int] = {}
         reasons: dict[tuple[Partition, str], int] = {}
-        producers = {id(p): await self._producer(p) for p, _ in refs}
-        for p, _, _, _ in direct:
-            producers.setdefault(id(p), await self._producer(p))
+        live = {p for p in b.ends if self.partitions.get(p.tp) is p}  # a partition may have been dropped
+        producers = {id(p): await self._producer(p) for p in live}
         source_headers = H.source_headers
         for (p, r), res in zip(refs, results):
-            producer = producers[id(p)]
+            producer = producers.get(id(p))
+            if producer is None:
+                continue
             src = source_headers(p.topic_b, p.partition_b, r.offset)
             if res[0] == OK:
                 sink.add(producer, out, self._out_partition(p, r.key), r.key, res[1], rel_headers + src)
@@ -523,20 +585,29 @@ class Engine:
                 self._add_dlq(sink, producer, r, res[1], res[2], rel_headers + src)
                 reasons[(p, res[1])] = reasons.get((p, res[1]), 0) + 1
         for p, r, reason, detail in direct:
+            if id(p) not in producers:
+                continue
             src = source_headers(p.topic_b, p.partition_b, r.offset)
             self._add_dlq(sink, producers[id(p)], r, reason, detail, rel_headers + src)
             reasons[(p, reason)] = reasons.get((p, reason), 0) + 1
         futures = await sink.flush()
         if not self.eos:
             self._alo_futures.extend(futures)
+        for p, (end, n) in b.ends.items():
+            if p not in live:
+                continue
+            p.position = max(p.position, end)
+            p.highest = max(p.highest, p.position)
+            p.uncommitted += n
+            self.policy.add(n)  # written, so due for a checkpoint
         for p, n in counts_out.items():
             m.RECORDS_OUT.labels(p.tp.topic, p.partition_b.decode()).inc(n)
         for (p, reason), n in reasons.items():
             m.RECORDS_DEAD_LETTERED.labels(p.tp.topic, p.partition_b.decode(), reason).inc(n)
-        m.BATCH_SECONDS.observe(time.monotonic() - t0)
+        m.BATCH_SECONDS.observe(time.monotonic() - t0 + b.predict_s)
         if self.observers:
-            summary = {"records": len(refs) + len(direct), "predict_seconds": predict_s,
-                       "results": results, "release": rel}
+            summary = {"records": len(refs) + len(direct), "predict_seconds": b.predict_s,
+                       "results": results, "release": b.release}
             for observe in self.observers:
                 observe(self, summary)
         if self.pending_failure is not None:
@@ -618,6 +689,8 @@ class Engine:
         else:
             results = await self._commit_alo(parts)
         now = time.time()
+        if any(isinstance(r, BaseException) for r in results):
+            await self._discard_inflight()  # a rewind must not be followed by a stale batch's outputs
         for p, res in zip(parts, results):
             if isinstance(res, BaseException):
                 if isinstance(res, asyncio.CancelledError):
@@ -746,6 +819,7 @@ class Engine:
         p.store.discard_pending()
         replay = max(0, p.highest - p.committed) if count else 0
         p.position = p.committed
+        p.fetched = p.committed
         p.uncommitted = 0
         self.consumer.seek(p.tp, p.committed)
         if replay:
@@ -841,3 +915,23 @@ def _same_output(a: bytes, b: bytes) -> int:
             da.pop(k, None)
             db.pop(k, None)
     return 1 if da == db else 0
+
+
+class _Batch:
+    """One fetched batch on its way through the model."""
+
+    __slots__ = ("release", "items", "refs", "direct", "skey_owner", "states", "ends", "task", "results",
+                 "predict_s", "collected")
+
+    def __init__(self, release: LoadedRelease) -> None:
+        self.release = release
+        self.items: list[tuple] = []
+        self.refs: list[tuple[Partition, object]] = []
+        self.direct: list[tuple[Partition, object, str, str]] = []
+        self.skey_owner: list[tuple[Partition, bytes]] = []
+        self.states: list[bytes | None] = []
+        self.ends: dict[Partition, tuple[int, int]] = {}
+        self.task: asyncio.Task | None = None
+        self.results: list[tuple] = []
+        self.predict_s = 0.0
+        self.collected = False

@@ -29,6 +29,9 @@ class Partition:
     position: int = -1
     """Next input offset after the last processed record."""
     highest: int = -1
+    fetched: int = -1
+    """Next input offset after the last record handed to the model (may run ahead of ``position``
+    by the one batch in flight)."""
     """Highest ``position`` ever reached (to count replayed records after a rewind)."""
     in_txn: bool = False
     uncommitted: int = 0
@@ -40,6 +43,7 @@ class Partition:
         if self.position < 0:
             self.position = self.committed
         self.highest = max(self.highest, self.position)
+        self.fetched = max(self.fetched, self.position)
         self.topic_b = self.tp.topic.encode()
         self.partition_b = str(self.tp.partition).encode()
 
