@@ -336,6 +336,27 @@ class Proc:
         return self.proc.returncode
 
 
+def tree_cpu(pid: int) -> float:
+    """User+system CPU seconds of a process and its children (nan without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return float("nan")
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
 def children(pid: int) -> list:
     import psutil
 

@@ -74,25 +74,8 @@ def lite_bundle() -> Path:
     return C.build_bundle(src, C.OUT / "bundles-lite")
 
 
-def tree_cpu(pid: int) -> float:
-    """User+system CPU seconds of a process and its children (alive ones); nan without psutil."""
-    try:
-        import psutil
-    except ImportError:
-        return float("nan")
 
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-    except psutil.Error:
-        pass
-    return total
+tree_cpu = C.tree_cpu
 
 
 async def run_one(key: str, *, input_topic: str, n: int, partitions: int, bundle: dict, workdir: Path,

@@ -153,21 +153,8 @@ class Run:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def tree_cpu(pid: int) -> float:
-    import psutil
 
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-    except psutil.Error:
-        pass
-    return total
+tree_cpu = C.tree_cpu
 
 
 def expected_outputs(records: list[tuple[bytes, bytes]]) -> dict:
