@@ -6,7 +6,7 @@ name/version/digest (one value per loaded release). Never per record or per key.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -65,7 +65,6 @@ FAILOVER_REASONS = ("worker_crashed", "predict_timeout", "exception_rate", "late
                     "manual", "standby_available")
 MODEL_ERROR_REASONS = ("worker_crashed", "predict_timeout", "exception", "exception_rate", "latency_slo",
                        "output_invalid", "manual")
-DLQ_REASONS = ("bad_json", "schema", "oversized", "model_error", "output_schema")
 
 
 def init_labels() -> None:
@@ -84,5 +83,7 @@ def init_partition_labels(topic: str, partition: int) -> None:
     p = str(partition)
     RECORDS_IN.labels(topic, p)
     RECORDS_OUT.labels(topic, p)
+    from daemon.engine.headers import DLQ_REASONS
+
     for reason in DLQ_REASONS:
         RECORDS_DEAD_LETTERED.labels(topic, p, reason)

@@ -46,11 +46,6 @@ class Pin:
         return f"{self.name}=={self.version}"
 
 
-def canonical_name(name: str) -> str:
-    """PEP 503 normalized project name."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def normalize_version(version: str) -> str:
     """A PEP 440-ish normal form good enough to compare exact pins without `packaging`."""
     v = version.strip().lower()

@@ -15,18 +15,19 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from daemon import metrics as m
 from daemon.engine import headers as H
-from daemon.engine.batch import DLQ, NO_STATE, OK
+from daemon.engine.batch import NO_STATE, OK
 from daemon.engine.checkpoint import CheckpointPolicy, record_key, record_value
 from daemon.engine.partition import Partition, store_path, transactional_id
 from daemon.engine.release import LoadedRelease
 from daemon.engine.sink import BatchSink, Partitioner
 from daemon.engine.state import StateStore, changelog_key
-from daemon.errors import ReleaseFailure
+from daemon.errors import ReleaseFailure, WorkerCrashed
 
 log = logging.getLogger("failoverd.engine")
 
@@ -94,7 +95,6 @@ class Engine:
         self._alo_futures: list = []
         self._restore_lock = asyncio.Lock()
         self._reopen_timers: dict[TopicPartition, asyncio.TimerHandle] = {}
-        self._active_predict_s: float | None = None
         self._inflight: _Batch | None = None
         self._common = settings.kafka.client_kwargs()
         self._out_topic = settings.output.topic
@@ -289,8 +289,6 @@ class Engine:
         rel = self.active
         proc = getattr(rel.worker, "_proc", None) if rel is not None else None
         if proc is not None and proc.returncode is not None and self.pending_failure is None and not self.paused:
-            from daemon.errors import WorkerCrashed
-
             rel.worker.dead = True
             self.pending_failure = WorkerCrashed(f"{rel.channel} worker (pid {proc.pid}) exited with code "
                                                  f"{proc.returncode} between batches")
@@ -482,10 +480,9 @@ class Engine:
                 self.consumer.seek(p.tp, p.position)
 
     async def _pipeline(self, data: dict) -> None:
-        previous, self._inflight = self._inflight, None
+        previous = self._inflight
         if previous is not None:
-            self._inflight = previous  # still ours to discard if collecting fails
-            await self._collect(previous)
+            await self._collect(previous)  # if this fails, _guard discards it (still _inflight)
             self._inflight = None
         batch = self._prepare(data)
         shadow = self.shadow and self.standby is not None and not getattr(self.standby.worker, "dead", False)
@@ -550,16 +547,13 @@ class Engine:
             if b.task is not None:
                 b.results, new_states, b.predict_s = await b.task
             else:  # hot standby: active and standby side by side, not pipelined
-                tp0 = time.monotonic()
-                self._active_predict_s = None
-                b.results, new_states = await self._predict_with_shadow(b.items, b.states, b.skey_owner)
-                b.predict_s = self._active_predict_s if self._active_predict_s is not None else time.monotonic() - tp0
+                b.results, new_states, b.predict_s = await self._predict_with_shadow(b.items, b.states,
+                                                                                     b.skey_owner)
             m.PREDICT_SECONDS.labels(b.release.channel).observe(b.predict_s)
             ns = b.release.ns
             for sk, st in new_states.items():
                 p, key = b.skey_owner[sk]
                 p.store.put(ns, key, st)
-        b.collected = True
 
     async def _emit(self, b: "_Batch") -> None:
         """Write the batch's outputs and dead letters; only then does its input count as processed."""
@@ -616,7 +610,8 @@ class Engine:
 
     async def _predict_with_shadow(self, items, states, skey_owner):
         """Hot standby: run the standby on the same batch (its own state namespace), compare outputs,
-        keep its state current; only the active's outputs are written."""
+        keep its state current; only the active's outputs are written. Returns the active's
+        (results, new states, own latency): a slow standby must not count against the active."""
         sb = self.standby
         ns_s = sb.ns
         by_part: dict[int, tuple[Partition, list[bytes]]] = {}
@@ -627,18 +622,13 @@ class Engine:
             for k, v in p.store.get_many(ns_s, keys).items():
                 lookup[(pid, k)] = v
         states_s = [lookup[(id(p), key)] for p, key in skey_owner]
-        timed: list[float] = []
-
         async def active_call():
             t0 = time.monotonic()
-            try:
-                return await self.active.worker.process(items, states)
-            finally:
-                timed.append(time.monotonic() - t0)
+            results, new_states = await self.active.worker.process(items, states)
+            return results, new_states, time.monotonic() - t0
 
         active_res, standby_res = await asyncio.gather(
             active_call(), sb.worker.process(items, states_s), return_exceptions=True)
-        self._active_predict_s = timed[0] if timed else None
         if isinstance(active_res, BaseException):
             raise active_res
         if isinstance(standby_res, BaseException):
@@ -907,8 +897,6 @@ def _same_output(a: bytes, b: bytes) -> int:
     """1 when two outputs agree, ignoring fields that only name the model version."""
     if a == b:
         return 1
-    import orjson
-
     da, db = orjson.loads(a), orjson.loads(b)
     if isinstance(da, dict) and isinstance(db, dict):
         for k in _IGNORED_IN_AGREEMENT:
@@ -921,7 +909,7 @@ class _Batch:
     """One fetched batch on its way through the model."""
 
     __slots__ = ("release", "items", "refs", "direct", "skey_owner", "states", "ends", "task", "results",
-                 "predict_s", "collected")
+                 "predict_s")
 
     def __init__(self, release: LoadedRelease) -> None:
         self.release = release
@@ -934,4 +922,3 @@ class _Batch:
         self.task: asyncio.Task | None = None
         self.results: list[tuple] = []
         self.predict_s = 0.0
-        self.collected = False

@@ -13,9 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 from daemon.engine import framing

@@ -156,7 +156,6 @@ async def test_two_instances_one_killed_survivor_takes_over_with_state(kafka_boo
 
 async def test_paused_zombie_wakes_after_handover_and_its_commit_is_refused(kafka_bootstrap, tmp_path,
                                                                           example_bundles):
-    import asyncio
     import os
     import signal
 
@@ -176,7 +175,6 @@ async def test_paused_zombie_wakes_after_handover_and_its_commit_is_refused(kafk
         await kafkatools.wait_for(lambda: zombie.check() and "partitions assigned" in zombie.log(), timeout=60,
                                   what="zombie assigned")
         # wait until the zombie has processed (but not committed) records: its worker answered
-        await asyncio.sleep(0)  # let the loop breathe before polling the log
         await kafkatools.wait_for(lambda: _uncommitted_outputs(kafka_bootstrap, names["output"]), timeout=60,
                                   what="zombie outputs in an open transaction")
         os.kill(zombie.pid, signal.SIGSTOP)
