@@ -1,10 +1,23 @@
-"""The floor of Python overhead: a plain aiokafka consume-decode-score-encode-produce loop.
+"""A plain aiokafka consume-decode-produce loop: the baselines of bench/throughput.py and bench/peers.
 
-    python bench/plain_loop.py --input T --output T --group G [--workload score|peers]
+    python bench/plain_loop.py --input T --output T --group G [--workload model|score|peers]
 
-``score`` (bench/throughput.py's baseline): decode with orjson, compute fraud-scorer 1.0.0's
-logistic score over the 8 features (same weights, merchant risk, log1p(amount)), encode,
-produce. No state, no schema validation, no transactions, no provenance headers.
+``model`` (bench/throughput.py's ``plain`` baseline: the same work as failoverd's data path, minus
+what makes failoverd durable): the fraud-v1 bundle's own FraudScorer class
+(examples/bundles/fraud-v1/code/model.py, context name "fraud-scorer", version "1.0.0", so the
+outputs carry model_version "fraud-scorer@1.0.0" like the daemon's) with per-card state
+{count, mean_amount} in a plain dict keyed by the record key (objects, not JSON); orjson decode;
+jsonschema_rs validation of every input (schemas/input.json) and every output
+(schemas/output.json); each getmany() batch goes to ``predict`` in waves (one occurrence of each
+key per call, in order, so a key's second record sees the state of its first, as in
+daemon/engine/batch.py); orjson encode; produce with the record's key. Records that do not decode
+or validate, or that the model refuses, are skipped and counted (the daemon dead-letters them).
+No transactions, no changelog, no checkpoints, no provenance headers, no dead-letter topic.
+
+``score`` (bench/throughput.py's ``plain-bare`` floor): bare decode, score, encode — the floor of
+Python overhead: orjson decode, fraud-scorer 1.0.0's logistic score over the 8 features (same
+weights, merchant risk, log1p(amount)), encode, produce. No state, no schema validation, no
+transactions, no provenance headers; its outputs lack count and mean_amount.
 
 ``peers`` (bench/peers/run.py): the peers workload with per-card state in a plain dict
 (count and mean amount), the common output format of bench/peers/workload.py.
@@ -29,7 +42,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 ROOT = Path(__file__).resolve().parent.parent
-V1 = ROOT / "examples" / "bundles" / "fraud-v1" / "data"
+BUNDLE_V1 = ROOT / "examples" / "bundles" / "fraud-v1"
+V1 = BUNDLE_V1 / "data"
 
 
 class Scorer:
@@ -58,8 +72,78 @@ class Scorer:
                              "model_version": self.version})
 
 
+class ModelWorkload:
+    """fraud-scorer 1.0.0 itself (the bundle's FraudScorer), with its state and both schemas."""
+
+    def __init__(self) -> None:
+        import importlib.util
+        import tomllib
+
+        import jsonschema_rs
+
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from daemon.model import ModelContext, Prediction, Record
+
+        self.Prediction, self.Record = Prediction, Record
+        spec = importlib.util.spec_from_file_location("fraud_v1_model", BUNDLE_V1 / "code" / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        manifest = tomllib.loads((BUNDLE_V1 / "bundle.toml").read_text())
+        context = ModelContext(name="fraud-scorer", version="1.0.0", digest="", root=BUNDLE_V1,
+                               data={"weights": V1 / "weights.json", "merchant_risk": V1 / "merchant_risk.csv"},
+                               manifest=manifest)
+        self.model = module.FraudScorer(context)
+        schemas = BUNDLE_V1 / "schemas"
+        self.input_ok = jsonschema_rs.validator_for(json.loads((schemas / "input.json").read_text())).is_valid
+        self.output_ok = jsonschema_rs.validator_for(json.loads((schemas / "output.json").read_text())).is_valid
+        self.state: dict = {}  # record key -> the model's state object
+        self.skipped = 0
+
+    def __call__(self, records) -> list[tuple[bytes | None, bytes]]:
+        """(key, output value) for the records of one getmany() batch, in input order."""
+        Record = self.Record
+        results: list = [None] * len(records)
+        waves: list[list] = []
+        seen: dict = {}
+        for i, r in enumerate(records):
+            try:
+                value = orjson.loads(r.value)
+            except orjson.JSONDecodeError:
+                self.skipped += 1
+                continue
+            if not self.input_ok(value):
+                self.skipped += 1
+                continue
+            key = r.key
+            if key is None:  # no key, no state (as the daemon)
+                wave = 0
+            else:
+                wave = seen.get(key, 0)
+                seen[key] = wave + 1
+            if wave == len(waves):
+                waves.append([])
+            waves[wave].append((i, key, Record(key.decode("utf-8", "replace") if key is not None else None, value)))
+        state = self.state
+        for wave in waves:
+            for _, key, record in wave:
+                record.state = state.get(key) if key is not None else None
+            predictions = self.model.predict([record for _, _, record in wave])
+            for (i, key, _), p in zip(wave, predictions, strict=True):
+                if not isinstance(p, self.Prediction) or not self.output_ok(p.output):
+                    self.skipped += 1  # a RecordError (refused record) or an output the schema rejects
+                    continue
+                if key is not None:
+                    state[key] = p.state
+                results[i] = (key, orjson.dumps(p.output))
+        return [x for x in results if x is not None]
+
+
 async def main(args) -> int:
-    if args.workload == "score":
+    batch = None  # model: a function of a whole getmany() batch; score, peers: ``handle`` per record
+    if args.workload == "model":
+        batch = ModelWorkload()
+    elif args.workload == "score":
         scorer = Scorer()
 
         def handle(key, raw):
@@ -92,10 +176,16 @@ async def main(args) -> int:
     try:
         while not stop.is_set():
             data = await consumer.getmany(timeout_ms=100, max_records=1000)
-            for tp, records in data.items():
-                for r in records:
-                    await producer.send(out, handle(r.key, r.value), key=r.key)
-                offsets[tp] = records[-1].offset + 1
+            if batch is None:
+                for tp, records in data.items():
+                    for r in records:
+                        await producer.send(out, handle(r.key, r.value), key=r.key)
+                    offsets[tp] = records[-1].offset + 1
+            elif data:
+                for key, value in batch([r for records in data.values() for r in records]):
+                    await producer.send(out, value, key=key)
+                for tp, records in data.items():
+                    offsets[tp] = records[-1].offset + 1
             if offsets and time.monotonic() - last_commit >= args.commit_interval:
                 await producer.flush()
                 await consumer.commit(offsets)
@@ -107,6 +197,8 @@ async def main(args) -> int:
     finally:
         await consumer.stop()
         await producer.stop()
+        if batch is not None:
+            print(f"skipped {batch.skipped} records (undecodable, invalid or refused)", flush=True)
     return 0
 
 
@@ -116,7 +208,9 @@ if __name__ == "__main__":
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument("--group", required=True)
-    ap.add_argument("--workload", choices=("score", "peers"), default="score")
+    ap.add_argument("--workload", choices=("model", "score", "peers"), default="model",
+                    help="model: fraud-v1's FraudScorer with state and schema validation (same work as failoverd); "
+                         "score: bare decode, score, encode (the floor); peers: bench/peers' workload")
     ap.add_argument("--commit-interval", type=float, default=0.1)
     ap.add_argument("--instance-id", default=None, help="group.instance.id (static membership)")
     sys.exit(asyncio.run(main(ap.parse_args())))
