@@ -35,6 +35,11 @@ def make_validator(schema: dict):
 def _first_error(validator, value: Any) -> str | None:
     if validator.is_valid(value):
         return None
+    return _describe_error(validator, value)
+
+
+def _describe_error(validator, value: Any) -> str:
+    """The DLQ detail for a value ``validator.is_valid`` rejected (the slow path only)."""
     err = next(iter(validator.iter_errors(value)), None)
     if err is None:  # pragma: no cover - is_valid and iter_errors disagree
         return "invalid"
@@ -43,7 +48,14 @@ def _first_error(validator, value: Any) -> str | None:
 
 
 class BatchProcessor:
-    """Runs one model on batches; the same code serves subprocess and in-process workers."""
+    """Runs one model on batches; the same code serves subprocess and in-process workers.
+
+    ``process`` is the model worker's hot path, so it is written for per-record cost: globals
+    and bound methods are hoisted into locals, ``is_valid`` is called inline (the error text is
+    only built for invalid values), the common case of a batch whose state keys are all
+    distinct skips the wave bookkeeping (one ``predict`` call over the records in order), and
+    plain ``Prediction`` / ``(output, state)`` results skip :func:`normalize`.
+    """
 
     def __init__(self, model: Any, input_schema: dict, output_schema: dict) -> None:
         self.model = model
@@ -52,50 +64,95 @@ class BatchProcessor:
 
     def process(self, items: list[tuple[bytes | None, bytes, int]], states: list[bytes | None]
                 ) -> tuple[list[tuple], dict[int, bytes | None]]:
+        loads = orjson.loads
+        decode_error = orjson.JSONDecodeError
+        input_validator = self.input_validator
+        is_valid = input_validator.is_valid
         results: list[tuple | None] = [None] * len(items)
-        current: list[Any] = [orjson.loads(s) if s is not None else None for s in states]
-        touched: set[int] = set()
-        waves: list[list[tuple[int, Record, int]]] = []
-        seen: dict[int, int] = {}
+        # current[NO_STATE] (the extra last slot) is always None: keyless records read it, and
+        # it is never written (NO_STATE results touch no state).
+        current: list[Any] = [loads(s) if s is not None else None for s in states]
+        current.append(None)
+
+        # Pass 1: decode and validate; the valid records as three parallel lists.
+        positions: list[int] = []
+        records: list[Record] = []
+        skeys: list[int] = []
         for i, (key, raw, skey) in enumerate(items):
             try:
-                value = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
+                value = loads(raw)
+            except decode_error as exc:
                 results[i] = (DLQ, "bad_json", str(exc)[:500])
                 continue
-            problem = _first_error(self.input_validator, value)
-            if problem is not None:
-                results[i] = (DLQ, "schema", problem)
+            if not is_valid(value):
+                results[i] = (DLQ, "schema", _describe_error(input_validator, value))
                 continue
-            if skey == NO_STATE:
-                wave = 0
-            else:
-                wave = seen.get(skey, 0)
-                seen[skey] = wave + 1
-            if wave == len(waves):
-                waves.append([])
-            waves[wave].append((i, Record(key.decode("utf-8", "replace") if key is not None else None, value), skey))
+            positions.append(i)
+            records.append(Record(key.decode("utf-8", "replace") if key is not None else None, value,
+                                  current[skey]))
+            skeys.append(skey)
 
-        for wave in waves:
-            for _, record, skey in wave:
-                record.state = current[skey] if skey != NO_STATE else None
-            predictions = self.model.predict([record for _, record, _ in wave])
-            if len(predictions) != len(wave):
-                raise RuntimeError(f"predict returned {len(predictions)} results for {len(wave)} records")
-            for (i, _, skey), raw_result in zip(wave, predictions):
+        updated: dict[int, Any] = {}  # state key -> latest new state (decoded)
+        distinct = set(skeys)
+        distinct.discard(NO_STATE)
+        if not records:
+            pass  # nothing valid: the model is not called
+        elif len(distinct) + skeys.count(NO_STATE) == len(skeys):
+            # Fast path: no state key repeats, so the whole batch is wave 0, in item order.
+            self._run_wave(records, positions, skeys, results, current, updated)
+        else:
+            # Wave w holds the (w+1)-th occurrence of each state key; NO_STATE is always wave 0.
+            waves: list[list[int]] = []
+            seen: dict[int, int] = {}
+            for n, skey in enumerate(skeys):
+                if skey == NO_STATE:
+                    wave = 0
+                else:
+                    wave = seen.get(skey, 0)
+                    seen[skey] = wave + 1
+                if wave == len(waves):
+                    waves.append([])
+                waves[wave].append(n)
+            for w, wave_members in enumerate(waves):
+                wave_records = [records[n] for n in wave_members]
+                wave_skeys = [skeys[n] for n in wave_members]
+                if w:  # wave 0 read its state when its records were built
+                    for record, skey in zip(wave_records, wave_skeys):
+                        record.state = current[skey]
+                self._run_wave(wave_records, [positions[n] for n in wave_members], wave_skeys,
+                               results, current, updated)
+
+        dumps = orjson.dumps
+        new_states = {s: (dumps(v) if v is not None else None) for s, v in updated.items()}
+        return results, new_states  # type: ignore[return-value]
+
+    def _run_wave(self, records: list[Record], positions: list[int], skeys: list[int],
+                  results: list, current: list, updated: dict) -> None:
+        """One ``predict`` call over records with distinct state keys; fills their results."""
+        predictions = self.model.predict(records)
+        if len(predictions) != len(positions):
+            raise RuntimeError(f"predict returned {len(predictions)} results for {len(positions)} records")
+        output_validator = self.output_validator
+        is_valid = output_validator.is_valid
+        dumps = orjson.dumps
+        for i, skey, raw_result in zip(positions, skeys, predictions):
+            kind = type(raw_result)
+            if kind is Prediction:
+                output = raw_result.output
+                state = raw_result.state
+            elif kind is tuple and len(raw_result) == 2:
+                output, state = raw_result
+            else:
                 result = normalize(raw_result)
                 if isinstance(result, RecordError):
                     results[i] = (DLQ, "model_error", (str(result) or type(result).__name__)[:500])
                     continue
-                assert isinstance(result, Prediction)
-                problem = _first_error(self.output_validator, result.output)
-                if problem is not None:
-                    results[i] = (DLQ, "output_schema", problem)
-                    continue
-                results[i] = (OK, orjson.dumps(result.output))
-                if skey != NO_STATE:
-                    current[skey] = result.state
-                    touched.add(skey)
-
-        new_states = {s: (orjson.dumps(current[s]) if current[s] is not None else None) for s in touched}
-        return results, new_states  # type: ignore[return-value]
+                output = result.output
+                state = result.state
+            if not is_valid(output):
+                results[i] = (DLQ, "output_schema", _describe_error(output_validator, output))
+                continue
+            results[i] = (OK, dumps(output))
+            if skey != NO_STATE:
+                current[skey] = state
+                updated[skey] = state

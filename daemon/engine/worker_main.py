@@ -6,6 +6,7 @@ prints go to stderr so they can never corrupt the protocol.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import traceback
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> int:
     except BaseException as exc:  # noqa: BLE001 - report any load failure to the parent
         send(("error", "load", f"{type(exc).__name__}: {exc}"))
         return 3
+    gc.freeze()  # the model, its data and the modules live as long as the process: never re-scan them
     send(("ready", {**info, "pid": os.getpid()}))
 
     while True:
@@ -44,7 +46,13 @@ def main(argv: list[str]) -> int:
         kind = request[0]
         try:
             if kind == "batch":
-                results, states = processor.process(request[1], request[2])
+                # A batch's objects die by refcount when it ends, so collections in the middle of
+                # one only re-scan live records; cyclic garbage is collected between batches.
+                gc.disable()
+                try:
+                    results, states = processor.process(request[1], request[2])
+                finally:
+                    gc.enable()
                 send(("result", results, states))
             elif kind == "health":
                 check = getattr(processor.model, "health_check", None)

@@ -108,3 +108,97 @@ def test_checkpoint_policy_by_count_and_time():
     p.reset()
     p.add(1)
     assert not p.due(now=p.last + 0.05) and p.due(now=p.last + 0.11)
+
+
+# ---- BatchProcessor.process fast paths (single wave, plain results) vs the general paths ------
+
+class Mixed:
+    """Returns every kind of result the protocol allows, chosen by the record's n."""
+
+    class Sub(Prediction):
+        __slots__ = ()
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def predict(self, batch):
+        self.calls.append([(r.key, r.state) for r in batch])
+        out = []
+        for r in batch:
+            n, total = r.value["n"], (r.state or 0) + r.value["n"]
+            if n == 13:
+                out.append(RecordError("unlucky"))
+            elif n == 14:
+                out.append(RecordError())  # no message: the class name is the detail
+            elif n == -1:
+                out.append(Prediction({"total": -5}, 99))  # invalid output: state not kept
+            elif n % 3 == 0:
+                out.append(({"total": total}, total))  # plain tuple
+            elif n % 3 == 1:
+                out.append(self.Sub({"total": total}, total))  # Prediction subclass
+            else:
+                out.append(Prediction({"total": total}, total))
+        return out
+
+
+def test_single_wave_batch_is_one_predict_call_in_item_order():
+    model = Mixed()
+    bp = BatchProcessor(model, SCHEMA_IN, SCHEMA_OUT)
+    items = [(b"a", b'{"n": 3}', 0), (None, b'{"n": 4}', NO_STATE), (b"b", b'{"n": 5}', 1),
+             (None, b'{"n": 7}', NO_STATE), (b"c\xff", b'{"n": 13}', 2), (b"d", b'{"n": 14}', 3),
+             (b"e", b'{"n": -1}', 4)]
+    results, states = bp.process(items, [orjson.dumps(10), None, None, None, orjson.dumps(1)])
+    assert model.calls == [[("a", 10), (None, None), ("b", None), (None, None), ("c\ufffd", None),
+                            ("d", None), ("e", 1)]]
+    assert results[:4] == [(OK, b'{"total":13}'), (OK, b'{"total":4}'), (OK, b'{"total":5}'), (OK, b'{"total":7}')]
+    assert results[4] == (DLQ, "model_error", "unlucky")
+    assert results[5] == (DLQ, "model_error", "RecordError")
+    assert results[6][:2] == (DLQ, "output_schema") and results[6][2].startswith("total: ")
+    assert states == {0: b"13", 1: b"5"}  # keyless records and refused records touch no state
+
+
+def test_multi_wave_batch_keeps_no_state_in_wave_zero_and_skips_invalid_records():
+    model = Mixed()
+    bp = BatchProcessor(model, SCHEMA_IN, SCHEMA_OUT)
+    items = [(b"a", b'{"n": 1}', 0), (b"a", b"[", 0), (b"a", b'{"n": 2}', 0), (None, b'{"n": 5}', NO_STATE),
+             (b"b", b'{"n": 13}', 1), (b"b", b'{"n": 3}', 1), (b"a", b'{"m": 1}', 0), (b"a", b'{"n": 4}', 0),
+             (None, b'{"n": 6}', NO_STATE)]
+    results, states = bp.process(items, [None, orjson.dumps(100)])
+    # a: 1, 2, 4 in waves 0, 1, 2; b: 13 (refused: state unchanged) then 3; keyless all in wave 0
+    assert model.calls == [[("a", None), (None, None), ("b", 100), (None, None)], [("a", 1), ("b", 100)], [("a", 3)]]
+    assert [r[0] for r in results] == [OK, DLQ, OK, OK, DLQ, OK, DLQ, OK, OK]
+    assert results[1][1] == "bad_json" and results[6] == (DLQ, "schema", "(root): \"n\" is a required property")
+    assert [orjson.loads(results[i][1])["total"] for i in (0, 2, 3, 5, 7, 8)] == [1, 3, 5, 103, 7, 6]
+    assert states == {0: b"7", 1: b"103"}
+
+
+def test_state_set_to_none_and_only_touched_keys_are_returned():
+    class Forget:
+        def predict(self, batch):
+            return [({"total": 0}, None) for _ in batch]
+
+    bp = BatchProcessor(Forget(), SCHEMA_IN, SCHEMA_OUT)
+    results, states = bp.process([(b"a", b'{"n": 1}', 1), (b"a", b'{"n": 1}', 1)], [orjson.dumps(1), orjson.dumps(2)])
+    assert results == [(OK, b'{"total":0}')] * 2 and states == {1: None}
+
+
+def test_wrong_result_count_and_bad_result_type_raise():
+    class Short:
+        def predict(self, batch):
+            return []
+
+    class Bad:
+        def predict(self, batch):
+            return [{"total": 1} for _ in batch]
+
+    for items in ([(b"a", b'{"n": 1}', 0)], [(b"a", b'{"n": 1}', 0), (b"a", b'{"n": 2}', 0)]):
+        with pytest.raises(RuntimeError, match="predict returned 0 results for 1 records"):
+            BatchProcessor(Short(), SCHEMA_IN, SCHEMA_OUT).process(items, [None])
+        with pytest.raises(TypeError, match="predict returned dict"):
+            BatchProcessor(Bad(), SCHEMA_IN, SCHEMA_OUT).process(items, [None])
+
+
+def test_batch_with_no_valid_record_does_not_call_the_model():
+    model = Mixed()
+    results, states = BatchProcessor(model, SCHEMA_IN, SCHEMA_OUT).process([(b"a", b"nope", 0)], [None])
+    assert results[0][:2] == (DLQ, "bad_json") and states == {} and model.calls == []
