@@ -61,9 +61,15 @@ class BatchProcessor:
         self.model = model
         self.input_validator = make_validator(input_schema)
         self.output_validator = make_validator(output_schema)
+        self._last: list[Any] | None = None
+        """The decoded states the last batch left, by its skey (what the next batch may carry)."""
 
-    def process(self, items: list[tuple[bytes | None, bytes, int]], states: list[bytes | None]
-                ) -> tuple[list[tuple], dict[int, bytes | None]]:
+    def process(self, items: list[tuple[bytes | None, bytes, int]], states: list[bytes | None],
+                carry: list[tuple[int, int]] | tuple = ()) -> tuple[list[tuple], dict[int, bytes | None]]:
+        """``carry``: ``(skey, previous_skey)`` pairs whose state is the one the previous call left
+        for ``previous_skey`` (the daemon sends the next batch before it has stored the previous
+        batch's states; calls arrive in order)."""
+        last, self._last = self._last, None  # a failing batch leaves nothing to carry
         loads = orjson.loads
         decode_error = orjson.JSONDecodeError
         input_validator = self.input_validator
@@ -73,6 +79,11 @@ class BatchProcessor:
         # it is never written (NO_STATE results touch no state).
         current: list[Any] = [loads(s) if s is not None else None for s in states]
         current.append(None)
+        if carry:
+            if last is None:
+                raise RuntimeError("a batch carries state from a previous batch this worker did not finish")
+            for skey, previous in carry:
+                current[skey] = last[previous]
 
         # Pass 1: decode and validate; the valid records as three parallel lists.
         positions: list[int] = []
@@ -124,6 +135,7 @@ class BatchProcessor:
 
         dumps = orjson.dumps
         new_states = {s: (dumps(v) if v is not None else None) for s, v in updated.items()}
+        self._last = current
         return results, new_states  # type: ignore[return-value]
 
     def _run_wave(self, records: list[Record], positions: list[int], skeys: list[int],

@@ -43,11 +43,13 @@ def record_key(group: str, topic: str, partition: int) -> bytes:
     return f"{group}/{topic}/{partition}".encode()
 
 
-def record_value(*, group: str, topic: str, partition: int, offset: int, changelog_offset: int | None,
+def record_value(*, group: str, topic: str, partition: int, offset: int, changelog_records: int,
                  release: dict, instance: str, records: int) -> bytes:
+    """The checkpoint record: the input offset it commits (``offset``), how many input records and
+    state changelog records the interval carried, and which release processed it."""
     return orjson.dumps({
         "group": group, "topic": topic, "partition": partition,
-        "offset": offset, "changelog_offset": changelog_offset,
+        "offset": offset, "changelog_records": changelog_records,
         "release": {k: release.get(k) for k in ("name", "version", "digest", "state_schema_version")},
         "instance": instance, "records": records, "time": time.time(),
     })

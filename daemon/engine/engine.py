@@ -8,6 +8,7 @@ the worker (subprocess or executor thread), never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -31,6 +32,11 @@ from daemon.errors import ReleaseFailure, WorkerCrashed
 
 log = logging.getLogger("failoverd.engine")
 
+class CheckpointFailed(KafkaError):
+    """A checkpoint committed in the background failed; the batch waiting to be written is dropped
+    and every partition rewinds to its last checkpoint."""
+
+
 FailureHandler = Callable[["Engine", ReleaseFailure], Awaitable[bool]]
 BatchObserver = Callable[["Engine", dict], None]
 
@@ -53,6 +59,9 @@ class _Listener(ConsumerRebalanceListener):
 
 
 class Engine:
+    MAX_HELD = 4
+    """Batches predicted while a checkpoint commits, held until it ends; then the loop waits."""
+
     def __init__(self, settings, *, active: LoadedRelease | None, standby: LoadedRelease | None = None,
                  instance_id: str | None = None, on_failure: FailureHandler | None = None,
                  observers: list[BatchObserver] | None = None) -> None:
@@ -95,7 +104,12 @@ class Engine:
         self._alo_futures: list = []
         self._restore_lock = asyncio.Lock()
         self._reopen_timers: dict[TopicPartition, asyncio.TimerHandle] = {}
-        self._inflight: _Batch | None = None
+        self._inflight: collections.deque[_Batch] = collections.deque()
+        """Batches sent to the model and not collected yet (at most two: see the batch section)."""
+        self._commit: tuple[asyncio.Future, list[_Commit]] | None = None
+        """The checkpoint being committed in the background, if any (see :meth:`_begin_checkpoint`)."""
+        self._unwritten: list[_Batch] = []
+        """Predicted batches (states stored) whose outputs wait for the commit in flight to end."""
         self._common = settings.kafka.client_kwargs()
         self._out_topic = settings.output.topic
         self._dlq_topic = settings.dead_letter.topic
@@ -155,12 +169,14 @@ class Engine:
                               "create it with `failoverd topics apply`")
         return len(parts)
 
+    def _fixed_out_partition(self, p: Partition) -> int | None:
+        """The output partition of all of ``p``'s records when the output topic is as wide as the
+        input topic (keys stay where they were); None: Kafka's default key hash, per record."""
+        return p.tp.partition if self._input_parts.get(p.tp.topic) == self._out_parts else None
+
     def _out_partition(self, p: Partition, key: bytes | None) -> int:
-        """The output partition: the source partition when the output topic is as wide as the input
-        topic (keys stay where they were), else Kafka's default key hash."""
-        if self._input_parts.get(p.tp.topic) == self._out_parts:
-            return p.tp.partition
-        return self._out_partitioner(key)
+        fixed = self._fixed_out_partition(p)
+        return fixed if fixed is not None else self._out_partitioner(key)
 
     def set_releases(self, active: LoadedRelease, standby: LoadedRelease | None) -> None:
         """Install the releases once their workers are up (they load while Kafka connects)."""
@@ -185,8 +201,8 @@ class Engine:
             while not self.stopping.is_set():
                 if self.paused or not self.partitions:
                     wait = 0.2
-                elif self._inflight is not None:
-                    wait = 0.001  # the model is busy: take what is buffered, else write its results
+                elif self._inflight or self._unwritten:
+                    wait = 0.001  # the model is busy or outputs wait for a commit: come back soon
                 else:
                     wait = self.policy.time_left() if self.policy.records else 0.5
                 data = await self.consumer.getmany(timeout_ms=max(1, int(wait * 1000)),
@@ -201,11 +217,15 @@ class Engine:
                         continue
                     if data and not self.paused:
                         await self._handle(data)
-                    elif self._inflight is not None:
+                    elif self._inflight:
                         await self._drain()
-                    if self.policy.due() or (self.checkpoint_asap and self.policy.records):
+                    if self._unwritten and (self._commit is None or self._commit[0].done()):
+                        await self._guard(self._write(None))  # the commit ended: write held batches
+                    if self.checkpoint_asap and self.policy.records:
                         self.checkpoint_asap = False
-                        await self.checkpoint()
+                        await self.checkpoint()  # after a failover: committed before anything else
+                    elif self.policy.due():
+                        await self._close_interval()  # commits while the model computes the next batches
                     if self.pending_change is not None and self.on_change is not None:
                         change, self.pending_change = self.pending_change, None
                         await self._drain()
@@ -234,6 +254,8 @@ class Engine:
             locked = False  # a step holding the lock is stuck (broker down): close around it
         try:
             try:
+                if self._commit is not None:
+                    await asyncio.wait_for(self._settle(), left(deadline / 4))
                 if locked and self.failure is None and not self.paused and self.fatal is None:
                     await asyncio.wait_for(self._drain(), left(deadline / 4))
                     await asyncio.wait_for(self.checkpoint(), left(deadline / 2))
@@ -241,6 +263,9 @@ class Engine:
                     await asyncio.wait_for(self._discard_inflight(), left(deadline / 4))
             except Exception as exc:  # noqa: BLE001 - shutdown goes on; nothing uncommitted is visible
                 log.warning("final checkpoint failed; aborting", extra={"error": repr(exc)})
+            if self._commit is not None:  # stuck (broker down): the aborts below end its transactions
+                self._commit[0].cancel()
+                self._commit = None
             parts, self.partitions = list(self.partitions.values()), {}
             await asyncio.gather(*(self._close_partition(p, left(5)) for p in parts))
         finally:
@@ -312,6 +337,7 @@ class Engine:
     # ---- partitions: assignment, restore, revocation --------------------------------------------
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.lock:
+            await self._settle()
             await self._drain()
             if any(tp in self.partitions for tp in revoked):
                 try:
@@ -322,6 +348,7 @@ class Engine:
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self.lock:
+            await self._settle()
             for timer in self._reopen_timers.values():
                 timer.cancel()  # the rebalance decides who owns what
             self._reopen_timers.clear()
@@ -364,7 +391,7 @@ class Engine:
         producer = AIOKafkaProducer(
             transactional_id=transactional_id(self.s.app.name, tp.topic, tp.partition),
             enable_idempotence=True, acks="all", linger_ms=10, max_batch_size=512 * 1024,
-            transaction_timeout_ms=60000, **self._common)
+            transaction_timeout_ms=60000, retry_backoff_ms=10, **self._common)
         await producer.start()  # InitProducerId: fences every earlier owner, aborts its open transaction
         return producer
 
@@ -436,28 +463,47 @@ class Engine:
         p.store.close()
 
     # ---- the batch ----------------------------------------------------------------------------
-    # The batch path is pipelined by one batch: once batch N's new states are stored, batch N+1
-    # goes to the model, and N's outputs are written (and checkpoints committed) while the model
-    # computes N+1. N+1 reads state after N's writes, so per-key state is exact. A partition's
-    # ``position`` (what a checkpoint commits) only covers batches whose outputs were written.
+    # The batch path is pipelined: batch N+1 is prepared and sent to the model while the model
+    # still computes N, so the model always has its next batch waiting; then N's answer is
+    # collected (new states stored) and its outputs written while the model computes N+1.
+    # N+1 was prepared before N's new states were stored: for a key that N also has, N+1 says
+    # "carry" (the model worker takes the state N left, in order) instead of a stored state, so
+    # per-key state is exact. While a checkpoint commits in the background, collected batches
+    # are held (up to MAX_HELD) and written when it ends. A partition's ``position`` (what a
+    # checkpoint commits) only covers batches whose outputs were written.
 
     async def _handle(self, data: dict) -> None:
         await self._guard(self._pipeline(data))
 
     async def _drain(self) -> None:
-        """Finish the batch in flight (outputs written), e.g. before a handover or a release change."""
-        if self._inflight is not None:
+        """Finish the batches in flight (outputs written), e.g. before a handover or a release change."""
+        if self._inflight or self._unwritten:
             await self._guard(self._drain_unguarded())
 
     async def _drain_unguarded(self) -> None:
-        batch, self._inflight = self._inflight, None
+        while self._inflight:
+            await self._collect(self._inflight[0])  # if this fails, _guard discards it (still in flight)
+            await self._write(self._inflight.popleft(), wait=True)
+        await self._write(None, wait=True)
+
+    async def _write(self, batch: "_Batch | None", wait: bool = False) -> None:
+        """Write ``batch`` (after any held ones), or hold it while a checkpoint commits, so that the
+        model is fed the next batches meanwhile. ``wait``: write now, after the commit ends."""
+        if (not wait and self._commit is not None and not self._commit[0].done()
+                and len(self._unwritten) < self.MAX_HELD):
+            if batch is not None:
+                self._unwritten.append(batch)
+            return
+        while self._unwritten:
+            await self._emit(self._unwritten.pop(0))
         if batch is not None:
-            await self._collect(batch)
             await self._emit(batch)
 
     async def _guard(self, coro) -> None:
         try:
             await coro
+        except CheckpointFailed:
+            pass  # _settle already dropped what was not written and rewound every partition
         except KafkaError as exc:
             # producing failed (broker trouble, or fenced): nothing of the interval commits
             log.warning("producing a batch failed; rewinding to the last checkpoint", extra={"error": repr(exc)})
@@ -468,43 +514,49 @@ class Engine:
             await self._release_failed(exc)  # rewinds; the next fetch replays from the checkpoint
 
     async def _discard_inflight(self) -> None:
-        """Drop the batch in flight; its records are fetched again from what was written."""
-        batch, self._inflight = self._inflight, None
-        if batch is None:
-            return
-        if batch.task is not None:
-            await asyncio.gather(batch.task, return_exceptions=True)  # never leave a reply in the pipe
-        for p in batch.ends:
-            if self.partitions.get(p.tp) is p:
-                p.fetched = p.position
-                self.consumer.seek(p.tp, p.position)
+        """Drop the batches not written yet; their records are fetched again from what was written.
+        Held batches already stored their states: a caller that had any rewinds to the checkpoint."""
+        inflight, self._inflight = list(self._inflight), collections.deque()
+        held, self._unwritten = self._unwritten, []
+        # never leave a reply in the pipe
+        await asyncio.gather(*(b.task for b in inflight if b.task is not None), return_exceptions=True)
+        for b in [*held, *inflight]:
+            for p in b.ends:
+                if self.partitions.get(p.tp) is p:
+                    p.fetched = p.position
+                    self.consumer.seek(p.tp, p.position)
 
     async def _pipeline(self, data: dict) -> None:
-        previous = self._inflight
-        if previous is not None:
-            await self._collect(previous)  # if this fails, _guard discards it (still _inflight)
-            self._inflight = None
-        batch = self._prepare(data)
         shadow = self.shadow and self.standby is not None and not getattr(self.standby.worker, "dead", False)
+        while shadow and self._inflight:  # the standby just became ready: store every state first
+            await self._collect(self._inflight[0])
+            await self._write(self._inflight.popleft())
+        previous = self._inflight[-1] if self._inflight else None
+        batch = self._prepare(data, previous)
         if batch is not None:
             if batch.items and not shadow:
                 batch.task = asyncio.get_running_loop().create_task(self._predict(batch))
-            self._inflight = batch
-        if previous is not None:
-            await self._emit(previous)
-        if shadow and self._inflight is not None:
-            await self._drain_unguarded()
+            self._inflight.append(batch)
+        keep = 0 if shadow else 1  # hot standby: active and standby side by side, not pipelined
+        while len(self._inflight) > keep:
+            await self._collect(self._inflight[0])  # if this fails, _guard discards it (still in flight)
+            await self._write(self._inflight.popleft())
 
-    def _prepare(self, data: dict) -> "_Batch | None":
+    def _prepare(self, data: dict, previous: "_Batch | None" = None) -> "_Batch | None":
+        """Build the model's batch; ``previous``: the batch in flight, whose states are not stored
+        yet (keys it has carry its result instead of a stored state)."""
         rel = self.active
         ns = rel.ns
         b = _Batch(rel)
+        if previous is not None and previous.release is not rel:
+            previous = None  # cannot happen (a release change drains first); never carry across models
         for tp, records in data.items():
             p = self.partitions.get(tp)
             if p is None:
                 continue
             keys: dict[bytes, int] = {}
             n = 0
+            first = len(b.refs)
             for r in records:
                 if r.offset < p.fetched:
                     continue  # already handed to the model (a seek raced with a prefetched batch)
@@ -523,23 +575,31 @@ class Engine:
                         sk = keys[key] = len(b.skey_owner)
                         b.skey_owner.append((p, key))
                 b.items.append((key, value, sk))
-                b.refs.append((p, r))
+                b.refs.append(r)
+            if len(b.refs) > first:
+                b.spans.append((p, first, len(b.refs)))
             if n:
                 m.RECORDS_IN.labels(tp.topic, p.partition_b.decode()).inc(n)
                 end = records[-1].offset + 1
                 p.fetched = max(p.fetched, end)
                 b.ends[p] = (end, n)
             if keys:
-                got = p.store.get_many(ns, list(keys))
-                b.states.extend(got[k] for k in keys)  # dict order = skey order
+                b.keys[p] = keys
+                before = previous.keys.get(p) if previous is not None else None
+                if before:
+                    carried = [(sk, before[k]) for k, sk in keys.items() if k in before]
+                    b.carry.extend(carried)
+                    lookup = [k for k in keys if k not in before]
+                else:
+                    lookup = list(keys)
+                got = p.store.get_many(ns, lookup) if lookup else {}
+                b.states.extend(got.get(k) for k in keys)  # dict order = skey order; carried: None here
         if not b.ends:
             return None
         return b
 
     async def _predict(self, b: "_Batch"):
-        t0 = time.monotonic()
-        results, new_states = await b.release.worker.process(b.items, b.states)
-        return results, new_states, time.monotonic() - t0
+        return await b.release.worker.process(b.items, b.states, b.carry)
 
     async def _collect(self, b: "_Batch") -> None:
         """Wait for the model's answer and store the batch's new states."""
@@ -557,32 +617,46 @@ class Engine:
 
     async def _emit(self, b: "_Batch") -> None:
         """Write the batch's outputs and dead letters; only then does its input count as processed."""
+        if self._commit is not None and not await self._settle():
+            raise CheckpointFailed("the checkpoint committed in the background failed")
         t0 = time.monotonic()
         rel_headers = b.release.headers
         results, refs, direct = b.results, b.refs, b.direct
         out = self._out_topic
         sink = BatchSink()
+        add = sink.add
         counts_out: dict[Partition, int] = {}
         reasons: dict[tuple[Partition, str], int] = {}
         live = {p for p in b.ends if self.partitions.get(p.tp) is p}  # a partition may have been dropped
         producers = {id(p): await self._producer(p) for p in live}
         source_headers = H.source_headers
-        for (p, r), res in zip(refs, results):
+        H_OFFSET = H.H_SOURCE_OFFSET
+        for p, lo, hi in b.spans:  # one partition's records at a time: per-record work is one append
             producer = producers.get(id(p))
             if producer is None:
                 continue
-            src = source_headers(p.topic_b, p.partition_b, r.offset)
-            if res[0] == OK:
-                sink.add(producer, out, self._out_partition(p, r.key), r.key, res[1], rel_headers + src)
-                counts_out[p] = counts_out.get(p, 0) + 1
-            else:
-                self._add_dlq(sink, producer, r, res[1], res[2], rel_headers + src)
-                reasons[(p, res[1])] = reasons.get((p, res[1]), 0) + 1
+            prefix = rel_headers + [(H.H_SOURCE_TOPIC, p.topic_b), (H.H_SOURCE_PARTITION, p.partition_b)]
+            fixed = self._fixed_out_partition(p)
+            partition_of = self._out_partitioner
+            ok = 0
+            for i in range(lo, hi):
+                r, res = refs[i], results[i]
+                if res[0] == OK:
+                    key = r.key
+                    add(producer, out, fixed if fixed is not None else partition_of(key), key, res[1],
+                        prefix + [(H_OFFSET, str(r.offset).encode())])
+                    ok += 1
+                else:
+                    self._add_dlq(sink, producer, r, res[1], res[2], source_headers(p.topic_b, p.partition_b,
+                                                                                    r.offset, rel_headers))
+                    reasons[(p, res[1])] = reasons.get((p, res[1]), 0) + 1
+            if ok:
+                counts_out[p] = counts_out.get(p, 0) + ok
         for p, r, reason, detail in direct:
             if id(p) not in producers:
                 continue
-            src = source_headers(p.topic_b, p.partition_b, r.offset)
-            self._add_dlq(sink, producers[id(p)], r, reason, detail, rel_headers + src)
+            self._add_dlq(sink, producers[id(p)], r, reason, detail,
+                          source_headers(p.topic_b, p.partition_b, r.offset, rel_headers))
             reasons[(p, reason)] = reasons.get((p, reason), 0) + 1
         futures = await sink.flush()
         if not self.eos:
@@ -622,13 +696,8 @@ class Engine:
             for k, v in p.store.get_many(ns_s, keys).items():
                 lookup[(pid, k)] = v
         states_s = [lookup[(id(p), key)] for p, key in skey_owner]
-        async def active_call():
-            t0 = time.monotonic()
-            results, new_states = await self.active.worker.process(items, states)
-            return results, new_states, time.monotonic() - t0
-
         active_res, standby_res = await asyncio.gather(
-            active_call(), sb.worker.process(items, states_s), return_exceptions=True)
+            self.active.worker.process(items, states), sb.worker.process(items, states_s), return_exceptions=True)
         if isinstance(active_res, BaseException):
             raise active_res
         if isinstance(standby_res, BaseException):
@@ -669,78 +738,143 @@ class Engine:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     async def checkpoint(self) -> None:
-        parts = [p for p in self.partitions.values() if p.uncommitted or p.in_txn or p.store.pending]
-        if not parts:
-            self.policy.reset()
-            return
-        t0 = time.monotonic()
-        if self.eos:
-            results = await asyncio.gather(*(self._commit_eos(p) for p in parts), return_exceptions=True)
-        else:
-            results = await self._commit_alo(parts)
-        now = time.time()
-        if any(isinstance(r, BaseException) for r in results):
-            await self._discard_inflight()  # a rewind must not be followed by a stale batch's outputs
-        for p, res in zip(parts, results):
-            if isinstance(res, BaseException):
-                if isinstance(res, asyncio.CancelledError):
-                    raise res
-                await self._commit_failed(p, res)
-            else:
-                p.last_checkpoint_time = now
-        self.policy.reset()
-        if not any(isinstance(r, BaseException) for r in results):
-            self.last_checkpoint = now
-            m.CHECKPOINTS.inc()
-            m.LAST_CHECKPOINT_TIMESTAMP.set(now)
-            m.CHECKPOINT_SECONDS.observe(time.monotonic() - t0)
-            for hook in self.after_checkpoint:
-                hook(self)
+        """Commit everything processed so far and wait for the outcome."""
+        if await self._close_interval():
+            await self._settle()
 
-    async def _send_changelog(self, producer, p: Partition) -> int | None:
-        """Send the interval's state changes; returns the changelog position after them (acked)."""
-        if not p.store.pending:
+    async def _close_interval(self) -> bool:
+        """Write held batches, wait for the previous commit, start committing this interval
+        (a checkpoint covers exactly the batches whose outputs and states it carries)."""
+        if self._unwritten:
+            await self._guard(self._write(None, wait=True))
+        if not await self._settle() or self._unwritten:
+            return False
+        return self._begin_checkpoint()
+
+    def _begin_checkpoint(self) -> bool:
+        """Close the interval and start committing it in the background; False if there is nothing
+        to commit. Until :meth:`_settle` the loop goes on fetching, predicting and storing state
+        (into the next interval); writing outputs waits for the commit (a partition's producer
+        cannot start its next transaction before this one ends)."""
+        parts = [p for p in self.partitions.values() if p.uncommitted or p.in_txn or p.store.dirty]
+        self.policy.reset()
+        if not parts:
+            return False
+        snaps = [_Commit(p, p.position, p.uncommitted, p.store.begin_commit()) for p in parts]
+        t0 = time.monotonic()
+        futures, self._alo_futures = self._alo_futures, []  # at-least-once: every output written so far
+
+        async def commit() -> tuple[list, float]:
+            if self.eos:
+                results = await asyncio.gather(*(self._commit_eos(c) for c in snaps), return_exceptions=True)
+            else:
+                results = await self._commit_alo(snaps, futures)
+            return results, time.monotonic() - t0
+
+        self._commit = (asyncio.ensure_future(commit()), snaps)
+        return True
+
+    async def _settle(self) -> bool:
+        """Wait for the checkpoint in flight and act on its outcome. False if a partition's commit
+        failed: that partition is rewound (or dropped if fenced) and the batch in flight discarded."""
+        if self._commit is None:
+            return True
+        entry = self._commit
+        task, snaps = entry
+        results, seconds = await asyncio.shield(task)
+        if self._commit is not entry:
+            return True  # another caller (shutdown) acted on it meanwhile
+        self._commit = None
+        now = time.time()
+        failed = [(c.p, r) for c, r in zip(snaps, results) if isinstance(r, BaseException)]
+        for c, r in zip(snaps, results):
+            if not isinstance(r, BaseException):
+                c.p.last_checkpoint_time = now
+        if failed:
+            # nothing written after the checkpoint may commit: drop what is in flight or held
+            # (held batches stored states of the next interval) and rewind every partition
+            await self._discard_inflight()
+            for p, exc in failed:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise exc
+                await self._commit_failed(p, exc)
+            await self.rewind_all()
+            return False
+        self.last_checkpoint = now
+        m.CHECKPOINTS.inc()
+        m.LAST_CHECKPOINT_TIMESTAMP.set(now)
+        m.CHECKPOINT_SECONDS.observe(seconds)
+        for hook in self.after_checkpoint:
+            hook(self)
+        return True
+
+    def _queue_changelog(self, producer, p: Partition, changes: dict, position: int) -> BatchSink | None:
+        """Queue an interval's state changes (one changelog record per changed key)."""
+        if not changes:
             return None
-        hdr = [(H.H_CHECKPOINT, str(p.position).encode())]
+        hdr = [(H.H_CHECKPOINT, str(position).encode())]
         topic, part, tname = self._changelog, p.tp.partition, p.tp.topic
         sink = BatchSink()
-        for (ns, key), v in p.store.pending.items():
+        for (ns, key), v in changes.items():
             sink.add(producer, topic, part, changelog_key(tname, ns, key), v, hdr)
-        await sink.flush()
-        fut, n = sink.last[(topic, part)]
+        return sink
+
+    async def _changelog_position(self, sink: BatchSink | None, p: Partition) -> int | None:
+        """The changelog offset after an interval's records (once they are acknowledged)."""
+        if sink is None:
+            return None
+        fut, n = sink.last[(self._changelog, p.tp.partition)]
         return (await fut).offset + n
 
-    async def _commit_eos(self, p: Partition) -> None:
+    async def _commit_eos(self, c: "_Commit") -> None:
+        # Everything is queued before anything is awaited, so the changelog and checkpoint
+        # partitions join the transaction in one request and the commit waits for one round of
+        # produce acknowledgements (the changelog position is read after the commit).
+        p = c.p
         producer = await self._producer(p)
-        changelog_pos = await self._send_changelog(producer, p)
+        sink = self._queue_changelog(producer, p, c.changes, c.position)
+        if sink is not None:
+            await sink.flush()
         await producer.send(self._ckpt_topic, record_value(
-            group=self.group, topic=p.tp.topic, partition=p.tp.partition, offset=p.position,
-            changelog_offset=changelog_pos, release=self.active.info, instance=self.instance_id,
-            records=p.uncommitted), key=record_key(self.group, p.tp.topic, p.tp.partition))
-        await producer.send_offsets_to_transaction({p.tp: p.position}, self.group)
+            group=self.group, topic=p.tp.topic, partition=p.tp.partition, offset=c.position,
+            changelog_records=len(c.changes), release=self.active.info, instance=self.instance_id,
+            records=c.records), key=record_key(self.group, p.tp.topic, p.tp.partition))
+        await producer.send_offsets_to_transaction({p.tp: c.position}, self.group)
         await producer.commit_transaction()
         p.in_txn = False
-        p.store.commit(changelog_pos)
-        p.committed = p.position
-        p.uncommitted = 0
+        p.committed = c.position
+        p.uncommitted -= c.records
+        self._store_committed(p, await self._changelog_position(sink, p))
 
-    async def _commit_alo(self, parts: list[Partition]) -> list:
-        producer = self.shared_producer
-        results: list = []
+    def _store_committed(self, p: Partition, changelog_position: int | None) -> None:
+        """Keep the committed interval's state locally. If the local store cannot (disk trouble),
+        stop: after a restart, restore brings the store up to the committed changelog."""
         try:
-            positions = {id(p): await self._send_changelog(producer, p) for p in parts}
-            futures, self._alo_futures = self._alo_futures, []
-            await asyncio.gather(*futures)  # every output and dead letter acknowledged ...
-            offsets = {p.tp: p.position for p in parts}
-            await self.consumer.commit(offsets)  # ... before the offsets move
-            for p in parts:
-                p.store.commit(positions[id(p)])
-                p.committed = p.position
-                p.uncommitted = 0
-                results.append(None)
+            p.store.commit(changelog_position)
         except Exception as exc:  # noqa: BLE001
-            results = [exc] * len(parts)
-        return results
+            log.critical("local state store failed after a committed checkpoint; stopping",
+                         extra={"partition": f"{p.tp.topic}:{p.tp.partition}", "error": repr(exc)})
+            self.fatal = exc
+            self.stop()
+
+    async def _commit_alo(self, snaps: list["_Commit"], futures: list) -> list:
+        producer = self.shared_producer
+        try:
+            positions = []
+            for c in snaps:
+                sink = self._queue_changelog(producer, c.p, c.changes, c.position)
+                if sink is not None:
+                    await sink.flush()
+                positions.append(await self._changelog_position(sink, c.p))
+            await asyncio.gather(*futures)  # every output and dead letter acknowledged ...
+            await self.consumer.commit({c.p.tp: c.position for c in snaps})  # ... before the offsets move
+        except Exception as exc:  # noqa: BLE001
+            return [exc] * len(snaps)
+        for c, pos in zip(snaps, positions):
+            c.p.committed = c.position
+            c.p.uncommitted -= c.records
+            self._store_committed(c.p, pos)
+        return [None] * len(snaps)
 
     async def _commit_failed(self, p: Partition, exc: BaseException) -> None:
         if isinstance(exc, ProducerFenced):
@@ -748,9 +882,7 @@ class Engine:
             return
         log.warning("checkpoint failed; rewinding to the last checkpoint",
                     extra={"partition": f"{p.tp.topic}:{p.tp.partition}", "error": repr(exc)})
-        m.CHECKPOINT_ABORTS.labels("error").inc()
-        await self._abort(p)
-        self._rewind(p)
+        m.CHECKPOINT_ABORTS.labels("error").inc()  # the caller aborts and rewinds (rewind_all)
 
     async def _drop_fenced(self, p: Partition, why: str) -> None:
         """Another producer holds this partition's transactional id (a newer owner, or the broker
@@ -819,6 +951,7 @@ class Engine:
 
     async def rewind_all(self) -> int:
         """Abort every open transaction and seek every partition to its last checkpoint."""
+        await self._settle()
         parts = list(self.partitions.values())
         await asyncio.gather(*(self._abort(p) for p in parts))  # one EndTxn round trip, not one per partition
         replay = sum(self._rewind(p) for p in parts)
@@ -833,6 +966,7 @@ class Engine:
         """Re-run committed inputs from ``since`` up to the last checkpoint through the active release and
         write the results as corrections (header ``fd.correction``), in the partitions' open transactions.
         State is read, never written: corrections do not count twice into per-key state."""
+        await self._settle()
         rel = self.active
         consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, isolation_level="read_committed",
                                     auto_offset_reset="earliest", **self._common)
@@ -859,7 +993,7 @@ class Engine:
                     got = p.store.get_many(rel.ns, keys)
                     index = {k: i for i, k in enumerate(keys)}
                     items = [(r.key, r.value, index[r.key] if r.key is not None else NO_STATE) for r in recs]
-                    results, _ = await rel.worker.process(items, [got[k] for k in keys])
+                    results, _, _ = await rel.worker.process(items, [got[k] for k in keys])
                     producer = await self._producer(p)
                     mark = [(H.H_CORRECTION, label.encode())]
                     sink = BatchSink()
@@ -905,16 +1039,28 @@ def _same_output(a: bytes, b: bytes) -> int:
     return 1 if da == db else 0
 
 
+class _Commit:
+    """What one partition's checkpoint commits, taken when the interval closed."""
+
+    __slots__ = ("p", "position", "records", "changes")
+
+    def __init__(self, p: Partition, position: int, records: int, changes: dict) -> None:
+        self.p, self.position, self.records, self.changes = p, position, records, changes
+
+
 class _Batch:
     """One fetched batch on its way through the model."""
 
-    __slots__ = ("release", "items", "refs", "direct", "skey_owner", "states", "ends", "task", "results",
-                 "predict_s")
+    __slots__ = ("release", "items", "refs", "spans", "direct", "skey_owner", "states", "ends", "task",
+                 "results", "predict_s", "keys", "carry")
 
     def __init__(self, release: LoadedRelease) -> None:
         self.release = release
         self.items: list[tuple] = []
-        self.refs: list[tuple[Partition, object]] = []
+        self.refs: list = []
+        """The consumer record of each item (same order)."""
+        self.spans: list[tuple[Partition, int, int]] = []
+        """(partition, first, end) index ranges of ``items``/``refs``: one per partition, contiguous."""
         self.direct: list[tuple[Partition, object, str, str]] = []
         self.skey_owner: list[tuple[Partition, bytes]] = []
         self.states: list[bytes | None] = []
@@ -922,3 +1068,7 @@ class _Batch:
         self.task: asyncio.Task | None = None
         self.results: list[tuple] = []
         self.predict_s = 0.0
+        self.keys: dict[Partition, dict[bytes, int]] = {}
+        """Per partition: state key -> skey (what the next batch may carry from)."""
+        self.carry: list[tuple[int, int]] = []
+        """(skey, skey in the previous batch): states the model worker takes from the previous batch."""

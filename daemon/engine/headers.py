@@ -24,8 +24,10 @@ def release_headers(info: dict) -> list[tuple[str, bytes]]:
     ]
 
 
-def source_headers(topic_b: bytes, partition_b: bytes, offset: int) -> list[tuple[str, bytes]]:
-    return [(H_SOURCE_TOPIC, topic_b), (H_SOURCE_PARTITION, partition_b), (H_SOURCE_OFFSET, str(offset).encode())]
+def source_headers(topic_b: bytes, partition_b: bytes, offset: int, before=()) -> list[tuple[str, bytes]]:
+    """The source position headers, after ``before`` (e.g. the release headers)."""
+    return [*before, (H_SOURCE_TOPIC, topic_b), (H_SOURCE_PARTITION, partition_b),
+            (H_SOURCE_OFFSET, str(offset).encode())]
 
 
 def as_dict(headers) -> dict[str, bytes]:

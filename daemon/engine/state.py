@@ -54,6 +54,8 @@ class StateStore:
                         " PRIMARY KEY (ns, key)) WITHOUT ROWID")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
         self.pending: dict[tuple[str, bytes], bytes | None] = {}
+        self.committing: dict[tuple[str, bytes], bytes | None] = {}
+        """Writes of an interval whose checkpoint is being committed (taken by :meth:`begin_commit`)."""
         self.overlay: dict[tuple[str, bytes], bytes | None] = {}
         self.overlay_position: int | None = None
         self.cache: dict[tuple[str, bytes], bytes | None] = {}
@@ -71,10 +73,12 @@ class StateStore:
     def get_many(self, ns: str, keys: list[bytes]) -> dict[bytes, bytes | None]:
         out: dict[bytes, bytes | None] = {}
         missing = []
-        pending, overlay, cache = self.pending, self.overlay, self.cache
+        pending, committing, overlay, cache = self.pending, self.committing, self.overlay, self.cache
         for k in keys:
             nk = (ns, k)
             hit = pending.get(nk, ...)
+            if hit is ... and committing:
+                hit = committing.get(nk, ...)
             if hit is ...:
                 hit = overlay.get(nk, ...)
                 if hit is ...:
@@ -107,14 +111,31 @@ class StateStore:
     def put(self, ns: str, key: bytes, value: bytes | None) -> None:
         self.pending[(ns, key)] = value
 
+    @property
+    def dirty(self) -> bool:
+        """Writes not committed yet (open interval or a commit in flight)."""
+        return bool(self.pending or self.committing)
+
     def discard_pending(self) -> None:
+        """Forget every uncommitted write (a rewind to the last checkpoint)."""
         self.pending.clear()
+        self.committing.clear()
+
+    def begin_commit(self) -> dict[tuple[str, bytes], bytes | None]:
+        """Close the interval: its writes move aside (still readable) while their checkpoint commits,
+        and new writes start the next interval. Returns the closed interval's writes."""
+        if self.committing:
+            self.committing.update(self.pending)  # an earlier commit did not finish: one interval
+        else:
+            self.committing = self.pending
+        self.pending = {}
+        return self.committing
 
     def commit(self, changelog_position: int | None) -> None:
-        """The pending writes' transaction committed: keep them (overlay) and move the position;
-        they reach SQLite at the next flush."""
-        self.overlay.update(self.pending)
-        self.pending.clear()
+        """The closed interval's transaction committed: keep its writes (overlay) and move the
+        position; they reach SQLite at the next flush."""
+        self.overlay.update(self.committing)
+        self.committing = {}
         if changelog_position is not None:
             self.overlay_position = changelog_position
         if len(self.overlay) >= self.FLUSH_KEYS or time.monotonic() - self.last_flush >= self.FLUSH_SECONDS:
@@ -175,7 +196,7 @@ class StateStore:
 
     def close(self) -> None:
         """Flush what committed and close (pending, uncommitted writes are dropped)."""
-        self.pending.clear()
+        self.discard_pending()
         try:
             self.flush()
         finally:

@@ -3,7 +3,14 @@
 ``SubprocessWorker`` (default) runs the model in a child process that receives whole
 batches over a pipe; a child that exits, crashes or does not answer within the predict
 timeout is killed and reported as :class:`~daemon.errors.WorkerCrashed` or
-:class:`~daemon.errors.WorkerTimeout`. ``InProcessWorker`` runs trusted models in a
+:class:`~daemon.errors.WorkerTimeout`. Requests may be queued: the next batch is written
+while the model still computes the previous one (answers come back in order), so the model
+never waits for the event loop; the timeout and the reported latency of a batch count from
+the moment the model could start on it.
+
+``process(items, states, carry)`` returns ``(results, new_states, seconds)``; ``carry`` lists
+``(skey, previous_skey)`` pairs whose state is the one the previous batch left (see
+:meth:`daemon.engine.batch.BatchProcessor.process`). ``InProcessWorker`` runs trusted models in a
 thread of this process. Neither runs model code on the event loop.
 """
 
@@ -14,6 +21,7 @@ import concurrent.futures
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from daemon.engine import framing
@@ -47,7 +55,8 @@ class SubprocessWorker(_Worker):
     def __init__(self, bundle_path: Path, unpack_dir: Path | None, **kw) -> None:
         super().__init__(bundle_path, unpack_dir, **kw)
         self._proc: asyncio.subprocess.Process | None = None
-        self._lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
+        self._read_lock = asyncio.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -61,6 +70,7 @@ class SubprocessWorker(_Worker):
             sys.executable, "-m", "daemon.engine.worker_main", str(self.bundle_path), str(self.unpack_dir or ""),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
             limit=1 << 24)
+        _widen_pipes(self._proc)
         try:
             reply = await asyncio.wait_for(framing.read_async(self._proc.stdout), self.start_timeout)
         except asyncio.TimeoutError:
@@ -78,32 +88,44 @@ class SubprocessWorker(_Worker):
         return self.info
 
     async def _call(self, request, timeout: float):
+        """Send a request, wait for its answer; returns (reply, seconds since the worker could start it)."""
         if self.dead or self._proc is None:
             raise WorkerCrashed(f"{self.label} worker is not running")
-        async with self._lock:
-            try:
+        try:
+            async with self._write_lock:  # requests go out in order ...
                 self._proc.stdin.write(framing.encode(request))
                 await self._proc.stdin.drain()
-                return await asyncio.wait_for(framing.read_async(self._proc.stdout), timeout)
+        except (ConnectionError, BrokenPipeError) as exc:
+            return await self._died(exc)
+        async with self._read_lock:  # ... and answers come back in the same order
+            if self.dead:
+                raise WorkerCrashed(f"{self.label} worker (pid {self.pid}) is gone")
+            t0 = time.monotonic()  # the answer before this one was read: the worker is on ours
+            try:
+                reply = await asyncio.wait_for(framing.read_async(self._proc.stdout), timeout)
+                return reply, time.monotonic() - t0
             except asyncio.TimeoutError:
                 self.dead = True
                 self.kill()
                 raise WorkerTimeout(f"{self.label} worker (pid {self.pid}) did not answer within {timeout:.3f}s; killed")
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError) as exc:
-                self.dead = True
-                code = await self._reap()
-                raise WorkerCrashed(f"{self.label} worker (pid {self.pid}) died (exit code {code}): "
-                                    f"{type(exc).__name__}") from None
+                return await self._died(exc)
 
-    async def process(self, items, states):
-        reply = await self._call(("batch", items, states), self.predict_timeout)
+    async def _died(self, exc: BaseException):
+        self.dead = True
+        code = await self._reap()
+        raise WorkerCrashed(f"{self.label} worker (pid {self.pid}) died (exit code {code}): "
+                            f"{type(exc).__name__}") from None
+
+    async def process(self, items, states, carry=()):
+        reply, seconds = await self._call(("batch", items, states, carry), self.predict_timeout)
         if reply[0] == "result":
-            return reply[1], reply[2]
+            return reply[1], reply[2], seconds
         raise BatchFailed(f"{self.label} predict failed: {reply[2]}")
 
     async def health(self) -> bool:
         try:
-            reply = await self._call(("health",), self.predict_timeout)
+            reply, _ = await self._call(("health",), self.predict_timeout)
         except ReleaseFailure:
             return False
         return reply[0] == "health" and bool(reply[1])
@@ -166,13 +188,26 @@ class InProcessWorker(_Worker):
             raise BundleError(f"{self.label}: bundle {self.bundle_path} failed to load: {type(exc).__name__}: {exc}")
         return self.info
 
-    async def process(self, items, states):
+    async def process(self, items, states, carry=()):
         if self.dead:
             raise WorkerCrashed(f"{self.label} in-process model is unusable after a timeout")
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, self._processor.process, items, states)
+        started: list[float] = []  # set by the thread: a queued batch's clock starts when it starts
+
+        def run():
+            started.append(time.monotonic())
+            return self._processor.process(items, states, carry)
+
+        fut = loop.run_in_executor(self._pool, run)
         try:
-            return await asyncio.wait_for(fut, self.predict_timeout)
+            while True:
+                left = self.predict_timeout - (time.monotonic() - started[0] if started else 0.0)
+                try:
+                    results, new_states = await asyncio.wait_for(asyncio.shield(fut), max(left, 0.001))
+                    return results, new_states, time.monotonic() - started[0]
+                except asyncio.TimeoutError:
+                    if started and time.monotonic() - started[0] >= self.predict_timeout:
+                        raise
         except asyncio.TimeoutError:
             self.dead = True  # the thread cannot be killed; this worker is done
             raise WorkerTimeout(f"{self.label} in-process predict did not answer within {self.predict_timeout:.3f}s")
@@ -209,3 +244,16 @@ def make_worker(mode: str, bundle_path: Path, unpack_dir: Path | None, *, predic
                 start_timeout: float, label: str):
     cls = SubprocessWorker if mode == "subprocess" else InProcessWorker
     return cls(bundle_path, unpack_dir, predict_timeout=predict_timeout, start_timeout=start_timeout, label=label)
+
+
+def _widen_pipes(proc) -> None:
+    """Let a whole batch fit in each pipe (Linux: up to pipe-max-size, 1 MiB by default), so a
+    request or an answer is written in one go instead of 64 KiB at a time between event-loop turns."""
+    try:
+        import fcntl
+
+        size = min(1 << 20, int(Path("/proc/sys/fs/pipe-max-size").read_text()))
+        for transport in (proc.stdin.transport, proc.stdout._transport):
+            fcntl.fcntl(transport.get_extra_info("pipe").fileno(), fcntl.F_SETPIPE_SZ, size)
+    except (OSError, ValueError, AttributeError):
+        pass  # not Linux, or not allowed: 64 KiB pipes work, a little slower

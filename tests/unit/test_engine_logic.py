@@ -74,12 +74,17 @@ def test_state_store_commits_only_after_commit_and_keeps_position(tmp_path):
     assert s.get("m/s1", b"k") is None  # an aborted interval leaves nothing
     s.put("m/s1", b"k", b"2")
     s.put("m/s2", b"k", b"other-namespace")
+    assert set(s.begin_commit()) == {("m/s1", b"k"), ("m/s2", b"k")}
+    s.put("m/s1", b"k", b"3")  # the next interval, written while the checkpoint commits
+    assert s.get("m/s1", b"k") == b"3" and s.get("m/s2", b"k") == b"other-namespace"
     s.commit(changelog_position=42)
+    s.discard_pending()  # the next interval aborts: the committed one stays
     s.close()
     s = StateStore(tmp_path / "p.sqlite")
     assert s.position() == 42
     assert s.get("m/s1", b"k") == b"2" and s.get("m/s2", b"k") == b"other-namespace"
     s.put("m/s1", b"k", None)
+    s.begin_commit()
     s.commit(None)
     assert s.get("m/s1", b"k") is None and s.position() == 42
 
@@ -202,3 +207,30 @@ def test_batch_with_no_valid_record_does_not_call_the_model():
     model = Mixed()
     results, states = BatchProcessor(model, SCHEMA_IN, SCHEMA_OUT).process([(b"a", b"nope", 0)], [None])
     assert results[0][:2] == (DLQ, "bad_json") and states == {} and model.calls == []
+
+
+def test_a_batch_can_carry_the_state_the_previous_batch_left():
+    """The daemon sends batch N+1 before storing N's states; N+1 names which of N's keys it carries."""
+    bp = BatchProcessor(Summer(), SCHEMA_IN, SCHEMA_OUT)
+    first = [(b"a", b'{"n": 1}', 0), (b"b", b'{"n": 10}', 1), (b"a", b'{"n": 2}', 0)]
+    bp.process(first, [orjson.dumps(100), None])  # a -> 103, b -> 10
+    # N+1: skey 0 = b (carried from N's skey 1), skey 1 = c (fresh, stored state 5), skey 2 = a (carried)
+    second = [(b"b", b'{"n": 1}', 0), (b"c", b'{"n": 1}', 1), (b"a", b'{"n": 1}', 2)]
+    results, states = bp.process(second, [None, orjson.dumps(5), None], [(0, 1), (2, 0)])
+    assert [orjson.loads(r[1])["total"] for r in results] == [11, 6, 104]
+    assert {k: orjson.loads(v) for k, v in states.items()} == {0: 11, 1: 6, 2: 104}
+
+
+def test_carrying_after_a_failed_batch_is_refused():
+    class FailsOnce(Summer):
+        def predict(self, batch):
+            if not self.calls:
+                self.calls.append("boom")
+                raise RuntimeError("boom")
+            return super().predict(batch)
+
+    bp = BatchProcessor(FailsOnce(), SCHEMA_IN, SCHEMA_OUT)
+    with pytest.raises(RuntimeError, match="boom"):
+        bp.process([(b"a", b'{"n": 1}', 0)], [None])
+    with pytest.raises(RuntimeError, match="did not finish"):
+        bp.process([(b"a", b'{"n": 1}', 0)], [None], [(0, 0)])
