@@ -25,6 +25,7 @@ COMMANDS = [
     "release",
     "failover",
     "ctl",
+    "dlq",
     "demo",
 ]
 
