@@ -527,27 +527,31 @@ class Engine:
                     self.consumer.seek(p.tp, p.position)
 
     async def _pipeline(self, data: dict) -> None:
-        shadow = self.shadow and self.standby is not None and not getattr(self.standby.worker, "dead", False)
-        while shadow and self._inflight:  # the standby just became ready: store every state first
+        shadow = self.standby if self.shadow and self.standby is not None and not self.standby.worker.dead else None
+        while self._inflight and self._inflight[-1].shadow is not shadow:
+            # the hot standby just became ready, was replaced or died: its worker did not see the batch
+            # in flight, so nothing may be carried across; store every state first
             await self._collect(self._inflight[0])
             await self._write(self._inflight.popleft())
         previous = self._inflight[-1] if self._inflight else None
-        batch = self._prepare(data, previous)
+        batch = self._prepare(data, previous, shadow)
         if batch is not None:
-            if batch.items and not shadow:
+            if batch.items:
                 batch.task = asyncio.get_running_loop().create_task(self._predict(batch))
             self._inflight.append(batch)
-        keep = 0 if shadow else 1  # hot standby: active and standby side by side, not pipelined
-        while len(self._inflight) > keep:
+        while len(self._inflight) > 1:
             await self._collect(self._inflight[0])  # if this fails, _guard discards it (still in flight)
             await self._write(self._inflight.popleft())
 
-    def _prepare(self, data: dict, previous: "_Batch | None" = None) -> "_Batch | None":
+    def _prepare(self, data: dict, previous: "_Batch | None" = None,
+                 shadow: LoadedRelease | None = None) -> "_Batch | None":
         """Build the model's batch; ``previous``: the batch in flight, whose states are not stored
-        yet (keys it has carry its result instead of a stored state)."""
+        yet (keys it has carry its result instead of a stored state); ``shadow``: the hot standby,
+        which gets the same batch with its own namespace's states."""
         rel = self.active
         ns = rel.ns
         b = _Batch(rel)
+        b.shadow = shadow
         if previous is not None and previous.release is not rel:
             previous = None  # cannot happen (a release change drains first); never carry across models
         for tp, records in data.items():
@@ -594,26 +598,31 @@ class Engine:
                     lookup = list(keys)
                 got = p.store.get_many(ns, lookup) if lookup else {}
                 b.states.extend(got.get(k) for k in keys)  # dict order = skey order; carried: None here
+                if shadow is not None:
+                    got = p.store.get_many(shadow.ns, lookup) if lookup else {}
+                    b.states_s.extend(got.get(k) for k in keys)
         if not b.ends:
             return None
         return b
 
     async def _predict(self, b: "_Batch"):
-        return await b.release.worker.process(b.items, b.states, b.carry)
+        if b.shadow is None:
+            return await b.release.worker.process(b.items, b.states, b.carry)
+        return await self._predict_with_shadow(b)
 
     async def _collect(self, b: "_Batch") -> None:
         """Wait for the model's answer and store the batch's new states."""
         if b.items:
-            if b.task is not None:
-                b.results, new_states, b.predict_s = await b.task
-            else:  # hot standby: active and standby side by side, not pipelined
-                b.results, new_states, b.predict_s = await self._predict_with_shadow(b.items, b.states,
-                                                                                     b.skey_owner)
+            b.results, new_states, b.predict_s = await b.task
             m.PREDICT_SECONDS.labels(b.release.channel).observe(b.predict_s)
-            ns = b.release.ns
-            for sk, st in new_states.items():
-                p, key = b.skey_owner[sk]
-                p.store.put(ns, key, st)
+            stores = [(b.release.ns, new_states)]
+            if b.shadow is not None and b.new_states_s is not None:
+                stores.append((b.shadow.ns, b.new_states_s))  # the hot standby's own namespace
+            owner = b.skey_owner
+            for ns, states in stores:
+                for sk, st in states.items():
+                    p, key = owner[sk]
+                    p.store.put(ns, key, st)
 
     async def _emit(self, b: "_Batch") -> None:
         """Write the batch's outputs and dead letters; only then does its input count as processed."""
@@ -682,22 +691,15 @@ class Engine:
             exc, self.pending_failure = self.pending_failure, None
             raise exc  # a rate signal fired: this batch's outputs are aborted with the interval
 
-    async def _predict_with_shadow(self, items, states, skey_owner):
-        """Hot standby: run the standby on the same batch (its own state namespace), compare outputs,
-        keep its state current; only the active's outputs are written. Returns the active's
-        (results, new states, own latency): a slow standby must not count against the active."""
-        sb = self.standby
-        ns_s = sb.ns
-        by_part: dict[int, tuple[Partition, list[bytes]]] = {}
-        for p, key in skey_owner:
-            by_part.setdefault(id(p), (p, []))[1].append(key)
-        lookup: dict[tuple[int, bytes], bytes | None] = {}
-        for pid, (p, keys) in by_part.items():
-            for k, v in p.store.get_many(ns_s, keys).items():
-                lookup[(pid, k)] = v
-        states_s = [lookup[(id(p), key)] for p, key in skey_owner]
+    async def _predict_with_shadow(self, b: "_Batch"):
+        """Hot standby: run the standby on the same batch (its own state namespace, the same carried
+        keys), compare outputs, keep its state current (stored with the active's at collect); only
+        the active's outputs are written. Returns the active's (results, new states, own latency):
+        a slow standby must not count against the active."""
+        sb = b.shadow
         active_res, standby_res = await asyncio.gather(
-            self.active.worker.process(items, states), sb.worker.process(items, states_s), return_exceptions=True)
+            b.release.worker.process(b.items, b.states, b.carry), sb.worker.process(b.items, b.states_s, b.carry),
+            return_exceptions=True)
         if isinstance(active_res, BaseException):
             raise active_res
         if isinstance(standby_res, BaseException):
@@ -714,9 +716,7 @@ class Engine:
         self.agreement[1] += compared
         if self.agreement[1]:
             m.STANDBY_AGREEMENT.set(self.agreement[0] / self.agreement[1])
-        for sk, st in standby_res[1].items():
-            p, key = skey_owner[sk]
-            p.store.put(ns_s, key, st)
+        b.new_states_s = standby_res[1]
         return active_res
 
     def _add_dlq(self, sink: BatchSink, producer, r, reason: str, detail: str, extra) -> None:
@@ -1052,7 +1052,7 @@ class _Batch:
     """One fetched batch on its way through the model."""
 
     __slots__ = ("release", "items", "refs", "spans", "direct", "skey_owner", "states", "ends", "task",
-                 "results", "predict_s", "keys", "carry")
+                 "results", "predict_s", "keys", "carry", "shadow", "states_s", "new_states_s")
 
     def __init__(self, release: LoadedRelease) -> None:
         self.release = release
@@ -1072,3 +1072,7 @@ class _Batch:
         """Per partition: state key -> skey (what the next batch may carry from)."""
         self.carry: list[tuple[int, int]] = []
         """(skey, skey in the previous batch): states the model worker takes from the previous batch."""
+        self.shadow: LoadedRelease | None = None
+        """The hot standby this batch was also sent to (its states: ``states_s``, ``new_states_s``)."""
+        self.states_s: list[bytes | None] = []
+        self.new_states_s: dict[int, bytes | None] | None = None
