@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 
 import orjson
 import pytest
@@ -234,3 +235,69 @@ def test_carrying_after_a_failed_batch_is_refused():
         bp.process([(b"a", b'{"n": 1}', 0)], [None])
     with pytest.raises(RuntimeError, match="did not finish"):
         bp.process([(b"a", b'{"n": 1}', 0)], [None], [(0, 0)])
+
+
+def _commit(store, ns, items, position):
+    for k, v in items.items():
+        store.put(ns, k, v)
+    store.begin_commit()
+    store.commit(position)
+
+
+def test_state_flushes_in_the_background_and_stays_readable_meanwhile(tmp_path, monkeypatch):
+    import threading
+
+    from daemon.engine.state import StateStore as Store
+
+    release, entered = threading.Event(), threading.Event()
+    real_write = Store._write
+
+    def slow_write(db, changes, position):
+        if threading.current_thread() is not threading.main_thread():
+            entered.set()
+            assert release.wait(10)
+        real_write(db, changes, position)
+
+    monkeypatch.setattr(Store, "_write", staticmethod(slow_write))
+    s = Store(tmp_path / "p.sqlite")
+    _commit(s, "m/1", {b"a": b"1", b"b": b"2"}, 10)  # the first commit flushes at once
+    assert entered.wait(10), "the flush did not start in the background"
+    assert s._flush_job is not None and not s._flush_job.done()
+    assert s.get("m/1", b"a") == b"1" and s.position() == 10  # readable while it is written
+    _commit(s, "m/1", {b"a": b"3"}, 12)  # the next interval, committed meanwhile
+    assert s.get("m/1", b"a") == b"3" and s.position() == 12
+    fresh = Store(tmp_path / "p.sqlite")
+    assert fresh.position() == 0 and fresh.get("m/1", b"b") is None  # nothing reached SQLite yet
+    fresh.close()
+    release.set()
+    s.close()  # waits for the background flush, then writes the rest
+    s = Store(tmp_path / "p.sqlite")
+    assert s.position() == 12 and s.get("m/1", b"a") == b"3" and s.get("m/1", b"b") == b"2"
+    s.close()
+
+
+def test_a_failed_background_flush_keeps_the_values_and_is_raised(tmp_path, monkeypatch):
+    import threading
+
+    from daemon.engine.state import StateStore as Store
+
+    real_write = Store._write
+    fail = [True]
+
+    def failing_write(db, changes, position):
+        if fail[0] and threading.current_thread() is not threading.main_thread():
+            raise sqlite3.OperationalError("disk I/O error")
+        real_write(db, changes, position)
+
+    monkeypatch.setattr(Store, "_write", staticmethod(failing_write))
+    s = Store(tmp_path / "p.sqlite")
+    _commit(s, "m/1", {b"a": b"1"}, 5)
+    s._flush_job.exception(timeout=10)  # let it fail
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        _commit(s, "m/1", {b"b": b"2"}, 6)
+    assert s.get("m/1", b"a") == b"1" and s.position() == 6  # back in the overlay, nothing lost
+    fail[0] = False
+    s.close()
+    s = Store(tmp_path / "p.sqlite")
+    assert s.position() == 6 and s.get("m/1", b"a") == b"1" and s.get("m/1", b"b") == b"2"
+    s.close()
