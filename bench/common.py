@@ -571,6 +571,29 @@ def write_section(name: str, body: str) -> None:
     DOC.write_text(text)
 
 
+def publish_section(name: str, body: list[str], notes: Path, write: bool, also: str = "") -> None:
+    """Append the hand-written notes kept next to a script, then (unless ``write`` is False: a
+    diagnostic run) replace the script's section of docs/BENCHMARKS.md."""
+    if notes.exists():
+        body = [*body, notes.read_text()]
+    if write:
+        write_section(name, "\n".join(body))
+        print(f"\nwrote the {name} section of {DOC.relative_to(ROOT)}{also}")
+
+
+async def wait_for_inputs(proc: "Proc", group: str, topic: str, n: int, *, timeout: float, name: str,
+                          tail: int = 3000) -> tuple[dict, float]:
+    """Wait until ``group`` committed ``n`` inputs of ``topic`` (see GroupWatcher); returns the
+    times and the CPU seconds of the process tree. On failure, print the end of its log."""
+    try:
+        async with GroupWatcher(group, topic) as w:
+            t = await w.wait(n, timeout=timeout, alive=proc.alive)
+        return t, tree_cpu(proc.pid)
+    except BaseException:
+        print(f"  {name}: failed; log tail:\n{proc.log()[-tail:]}", file=sys.stderr)
+        raise
+
+
 def md_table(headers: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

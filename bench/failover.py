@@ -442,11 +442,7 @@ def report(results: dict, modes: list[str], args, env: dict, elapsed: float) -> 
             + " |")
     body.append("Every fault, in run order (ms from kill to the first committed output of the new owner):\n")
     body.append("\n".join(per) + "\n")
-    if NOTES.exists():
-        body.append(NOTES.read_text())
-    if not args.no_doc:
-        C.write_section("failover", "\n".join(body))
-        print(f"\nwrote the failover section of {C.DOC.relative_to(C.ROOT)}")
+    C.publish_section("failover", body, NOTES, write=not args.no_doc)
 
 
 NOTES = Path(__file__).resolve().parent / "failover_notes.md"

@@ -90,10 +90,6 @@ def lite_bundle() -> Path:
     return C.build_bundle(src, C.OUT / "bundles-lite")
 
 
-
-tree_cpu = C.tree_cpu
-
-
 def partition_digests(records: list) -> list[list]:
     """[count, sha256 of the values in offset order] per output partition, from read_all tuples."""
     by_part: dict[int, list[bytes]] = {}
@@ -158,12 +154,7 @@ async def run_one(key: str, *, input_topic: str, n: int, partitions: int, bundle
     try:
         if profile is not None:
             spy = await start_profilers(proc, spec, profile)
-        async with C.GroupWatcher(group, input_topic) as w:
-            t = await w.wait(n, timeout=timeout, alive=proc.alive)
-        cpu = tree_cpu(proc.pid)
-    except BaseException:
-        print(f"  {key}: failed; log tail:\n{proc.log()[-2000:]}", file=sys.stderr)
-        raise
+        t, cpu = await C.wait_for_inputs(proc, group, input_topic, n, timeout=timeout, name=key)
     finally:
         proc.stop()
         if spy:
@@ -406,11 +397,7 @@ def report(results, keys, n, args, env, size, profile, checks=()) -> None:
     body.append("\n".join(per_round) + "\n")
     if profile:
         body.append(profile_md(profile))
-    if THROUGHPUT_NOTES.exists():
-        body.append(THROUGHPUT_NOTES.read_text())
-    if not args.no_doc:
-        C.write_section("throughput", "\n".join(body))
-        print(f"\nwrote the throughput section of {C.DOC.relative_to(C.ROOT)}")
+    C.publish_section("throughput", body, THROUGHPUT_NOTES, write=not args.no_doc)
 
 
 # Hand-written analysis (bottlenecks, proposals) kept next to the script and appended to the section.

@@ -20,9 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from daemon.engine import headers as H
 from daemon.errors import ConfigError
 
-H_REPLAYED_FROM = "fd.replayed.from"
-H_TRUNCATED = "fd.dlq.truncated"
-_ADDED = {H.H_DLQ_REASON, H.H_DLQ_DETAIL, H_TRUNCATED, H.H_RELEASE_NAME, H.H_RELEASE_VERSION,
+_ADDED = {H.H_DLQ_REASON, H.H_DLQ_DETAIL, H.H_DLQ_TRUNCATED, H.H_RELEASE_NAME, H.H_RELEASE_VERSION,
           H.H_RELEASE_DIGEST, H.H_SOURCE_TOPIC, H.H_SOURCE_PARTITION, H.H_SOURCE_OFFSET}
 
 
@@ -58,7 +56,7 @@ class DeadLetter:
 
 
 def parse(partition: int, offset: int, timestamp_ms: int, key, value, headers) -> DeadLetter:
-    """A dead-letter record as written by the engine (the headers it added are at the end)."""
+    """A dead-letter record as written by the engine (:func:`daemon.engine.headers.dead_letter_headers`)."""
     hs = list(headers or ())
     # the engine appends fd.dlq.reason and then only its own headers: the last reason header starts them
     cut = next((i for i in range(len(hs) - 1, -1, -1) if hs[i][0] == H.H_DLQ_REASON), len(hs))
@@ -76,7 +74,7 @@ def parse(partition: int, offset: int, timestamp_ms: int, key, value, headers) -
                       original_headers=hs[:cut], reason=text(H.H_DLQ_REASON) or "unknown",
                       detail=text(H.H_DLQ_DETAIL), release=release,
                       source_topic=text(H.H_SOURCE_TOPIC) or None, source_partition=number(H.H_SOURCE_PARTITION),
-                      source_offset=number(H.H_SOURCE_OFFSET), truncated=added.get(H_TRUNCATED) == b"1")
+                      source_offset=number(H.H_SOURCE_OFFSET), truncated=added.get(H.H_DLQ_TRUNCATED) == b"1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +170,7 @@ async def replay(kafka: dict, dlq_topic: str, letters: Iterable[DeadLetter], *, 
     try:
         futures = []
         for d in todo:
-            hdrs = d.original_headers + [(H_REPLAYED_FROM, f"{dlq_topic}/{d.partition}/{d.offset}".encode())]
+            hdrs = d.original_headers + [(H.H_REPLAYED_FROM, f"{dlq_topic}/{d.partition}/{d.offset}".encode())]
             if to_topic is None:
                 fut = await producer.send(d.source_topic, d.value, key=d.key, partition=d.source_partition,
                                           headers=hdrs)

@@ -153,10 +153,6 @@ class Run:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-
-tree_cpu = C.tree_cpu
-
-
 def expected_outputs(records: list[tuple[bytes, bytes]]) -> dict:
     """(card, seq) -> output dict, computed sequentially (per card in input order) with workload.step."""
     states: dict = {}
@@ -195,12 +191,7 @@ async def throughput_run(system: str, input_topic: str, n: int, expected: dict, 
         proc = run.start()
         rss = C.RssSampler(proc.pid)
         try:
-            async with C.GroupWatcher(run.group, input_topic) as w:
-                t = await w.wait(n, timeout=timeout, alive=proc.alive)
-            cpu = tree_cpu(proc.pid)
-        except BaseException:
-            print(f"  {system}: failed; log tail:\n{proc.log()[-3000:]}", file=sys.stderr)
-            raise
+            t, cpu = await C.wait_for_inputs(proc, run.group, input_topic, n, timeout=timeout, name=system)
         finally:
             peak = rss.stop()
             proc.stop()
@@ -486,12 +477,8 @@ def report(saved: Path, write: bool = True) -> None:
     if verdicts:
         body += ["### Targets (issue 7)\n", "\n".join(verdicts), ""]
     body.append("![peers chart](benchmarks-peers.png)\n")
-    notes = HERE / "notes.md"
-    if notes.exists():
-        body.append(notes.read_text())
-    if write and not getattr(args, "no_doc", False):
-        C.write_section("peers", "\n".join(body))
-        print(f"wrote the peers section of {C.DOC.relative_to(C.ROOT)} and docs/benchmarks-peers.png")
+    C.publish_section("peers", body, HERE / "notes.md", write=write and not getattr(args, "no_doc", False),
+                      also=" and docs/benchmarks-peers.png")
 
 
 def chart(d: dict) -> None:

@@ -32,12 +32,6 @@ def make_validator(schema: dict):
     return jsonschema_rs.validator_for(schema)
 
 
-def _first_error(validator, value: Any) -> str | None:
-    if validator.is_valid(value):
-        return None
-    return _describe_error(validator, value)
-
-
 def _describe_error(validator, value: Any) -> str:
     """The DLQ detail for a value ``validator.is_valid`` rejected (the slow path only)."""
     err = next(iter(validator.iter_errors(value)), None)

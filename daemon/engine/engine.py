@@ -32,6 +32,7 @@ from daemon.errors import ReleaseFailure, WorkerCrashed
 
 log = logging.getLogger("failoverd.engine")
 
+
 class CheckpointFailed(KafkaError):
     """A checkpoint committed in the background failed; the batch waiting to be written is dropped
     and every partition rewinds to its last checkpoint."""
@@ -482,9 +483,13 @@ class Engine:
 
     async def _drain_unguarded(self) -> None:
         while self._inflight:
-            await self._collect(self._inflight[0])  # if this fails, _guard discards it (still in flight)
-            await self._write(self._inflight.popleft(), wait=True)
+            await self._finish_oldest(wait=True)
         await self._write(None, wait=True)
+
+    async def _finish_oldest(self, wait: bool = False) -> None:
+        """Collect the oldest batch in flight and write it (or hold it: see :meth:`_write`)."""
+        await self._collect(self._inflight[0])  # if this fails, _guard discards it (still in flight)
+        await self._write(self._inflight.popleft(), wait=wait)
 
     async def _write(self, batch: "_Batch | None", wait: bool = False) -> None:
         """Write ``batch`` (after any held ones), or hold it while a checkpoint commits, so that the
@@ -531,8 +536,7 @@ class Engine:
         while self._inflight and self._inflight[-1].shadow is not shadow:
             # the hot standby just became ready, was replaced or died: its worker did not see the batch
             # in flight, so nothing may be carried across; store every state first
-            await self._collect(self._inflight[0])
-            await self._write(self._inflight.popleft())
+            await self._finish_oldest()
         previous = self._inflight[-1] if self._inflight else None
         batch = self._prepare(data, previous, shadow)
         if batch is not None:
@@ -540,8 +544,7 @@ class Engine:
                 batch.task = asyncio.get_running_loop().create_task(self._predict(batch))
             self._inflight.append(batch)
         while len(self._inflight) > 1:
-            await self._collect(self._inflight[0])  # if this fails, _guard discards it (still in flight)
-            await self._write(self._inflight.popleft())
+            await self._finish_oldest()
 
     def _prepare(self, data: dict, previous: "_Batch | None" = None,
                  shadow: LoadedRelease | None = None) -> "_Batch | None":
@@ -638,7 +641,6 @@ class Engine:
         reasons: dict[tuple[Partition, str], int] = {}
         live = {p for p in b.ends if self.partitions.get(p.tp) is p}  # a partition may have been dropped
         producers = {id(p): await self._producer(p) for p in live}
-        source_headers = H.source_headers
         H_OFFSET = H.H_SOURCE_OFFSET
         for p, lo, hi in b.spans:  # one partition's records at a time: per-record work is one append
             producer = producers.get(id(p))
@@ -650,14 +652,13 @@ class Engine:
             ok = 0
             for i in range(lo, hi):
                 r, res = refs[i], results[i]
+                hdrs = prefix + [(H_OFFSET, str(r.offset).encode())]
                 if res[0] == OK:
                     key = r.key
-                    add(producer, out, fixed if fixed is not None else partition_of(key), key, res[1],
-                        prefix + [(H_OFFSET, str(r.offset).encode())])
+                    add(producer, out, fixed if fixed is not None else partition_of(key), key, res[1], hdrs)
                     ok += 1
                 else:
-                    self._add_dlq(sink, producer, r, res[1], res[2], source_headers(p.topic_b, p.partition_b,
-                                                                                    r.offset, rel_headers))
+                    self._add_dlq(sink, producer, r, res[1], res[2], hdrs)
                     reasons[(p, res[1])] = reasons.get((p, res[1]), 0) + 1
             if ok:
                 counts_out[p] = counts_out.get(p, 0) + ok
@@ -665,7 +666,7 @@ class Engine:
             if id(p) not in producers:
                 continue
             self._add_dlq(sink, producers[id(p)], r, reason, detail,
-                          source_headers(p.topic_b, p.partition_b, r.offset, rel_headers))
+                          rel_headers + H.source_headers(p.topic_b, p.partition_b, r.offset))
             reasons[(p, reason)] = reasons.get((p, reason), 0) + 1
         futures = await sink.flush()
         if not self.eos:
@@ -719,14 +720,13 @@ class Engine:
         b.new_states_s = standby_res[1]
         return active_res
 
-    def _add_dlq(self, sink: BatchSink, producer, r, reason: str, detail: str, extra) -> None:
-        hdrs = list(r.headers or ()) + [(H.H_DLQ_REASON, reason.encode()),
-                                        (H.H_DLQ_DETAIL, detail.encode("utf-8", "replace")[:1000])] + extra
+    def _add_dlq(self, sink: BatchSink, producer, r, reason: str, detail: str, provenance) -> None:
         value = r.value
-        if value is not None and len(value) > self._max_value:
+        truncated = value is not None and len(value) > self._max_value
+        if truncated:
             value = value[: self._max_value]
-            hdrs.append(("fd.dlq.truncated", b"1"))
-        sink.add(producer, self._dlq_topic, self._dlq_partitioner(r.key), r.key, value, hdrs)
+        sink.add(producer, self._dlq_topic, self._dlq_partitioner(r.key), r.key, value,
+                 H.dead_letter_headers(r.headers, reason, detail, provenance, truncated))
 
     async def _producer(self, p: Partition) -> AIOKafkaProducer:
         if not self.eos:
@@ -776,7 +776,8 @@ class Engine:
 
     async def _settle(self) -> bool:
         """Wait for the checkpoint in flight and act on its outcome. False if a partition's commit
-        failed: that partition is rewound (or dropped if fenced) and the batch in flight discarded."""
+        failed: then the batches in flight or held are dropped, a fenced partition is dropped, and
+        every partition rewinds to its last checkpoint."""
         if self._commit is None:
             return True
         entry = self._commit
@@ -808,8 +809,9 @@ class Engine:
             hook(self)
         return True
 
-    def _queue_changelog(self, producer, p: Partition, changes: dict, position: int) -> BatchSink | None:
-        """Queue an interval's state changes (one changelog record per changed key)."""
+    async def _send_changelog(self, producer, p: Partition, changes: dict, position: int) -> BatchSink | None:
+        """Submit an interval's state changes (one changelog record per changed key) without waiting
+        for their acknowledgement; the returned sink tells the position once they are acked."""
         if not changes:
             return None
         hdr = [(H.H_CHECKPOINT, str(position).encode())]
@@ -817,6 +819,7 @@ class Engine:
         sink = BatchSink()
         for (ns, key), v in changes.items():
             sink.add(producer, topic, part, changelog_key(tname, ns, key), v, hdr)
+        await sink.flush()
         return sink
 
     async def _changelog_position(self, sink: BatchSink | None, p: Partition) -> int | None:
@@ -832,9 +835,7 @@ class Engine:
         # produce acknowledgements (the changelog position is read after the commit).
         p = c.p
         producer = await self._producer(p)
-        sink = self._queue_changelog(producer, p, c.changes, c.position)
-        if sink is not None:
-            await sink.flush()
+        sink = await self._send_changelog(producer, p, c.changes, c.position)
         await producer.send(self._ckpt_topic, record_value(
             group=self.group, topic=p.tp.topic, partition=p.tp.partition, offset=c.position,
             changelog_records=len(c.changes), release=self.active.info, instance=self.instance_id,
@@ -860,12 +861,8 @@ class Engine:
     async def _commit_alo(self, snaps: list["_Commit"], futures: list) -> list:
         producer = self.shared_producer
         try:
-            positions = []
-            for c in snaps:
-                sink = self._queue_changelog(producer, c.p, c.changes, c.position)
-                if sink is not None:
-                    await sink.flush()
-                positions.append(await self._changelog_position(sink, c.p))
+            sinks = [await self._send_changelog(producer, c.p, c.changes, c.position) for c in snaps]
+            positions = [await self._changelog_position(sink, c.p) for sink, c in zip(sinks, snaps)]
             await asyncio.gather(*futures)  # every output and dead letter acknowledged ...
             await self.consumer.commit({c.p.tp: c.position for c in snaps})  # ... before the offsets move
         except Exception as exc:  # noqa: BLE001

@@ -10,6 +10,8 @@ H_SOURCE_PARTITION = "fd.source.partition"
 H_SOURCE_OFFSET = "fd.source.offset"
 H_DLQ_REASON = "fd.dlq.reason"
 H_DLQ_DETAIL = "fd.dlq.detail"
+H_DLQ_TRUNCATED = "fd.dlq.truncated"
+H_REPLAYED_FROM = "fd.replayed.from"
 H_CHECKPOINT = "fd.checkpoint"
 H_CORRECTION = "fd.correction"
 
@@ -24,10 +26,20 @@ def release_headers(info: dict) -> list[tuple[str, bytes]]:
     ]
 
 
-def source_headers(topic_b: bytes, partition_b: bytes, offset: int, before=()) -> list[tuple[str, bytes]]:
-    """The source position headers, after ``before`` (e.g. the release headers)."""
-    return [*before, (H_SOURCE_TOPIC, topic_b), (H_SOURCE_PARTITION, partition_b),
-            (H_SOURCE_OFFSET, str(offset).encode())]
+def source_headers(topic_b: bytes, partition_b: bytes, offset: int) -> list[tuple[str, bytes]]:
+    return [(H_SOURCE_TOPIC, topic_b), (H_SOURCE_PARTITION, partition_b), (H_SOURCE_OFFSET, str(offset).encode())]
+
+
+def dead_letter_headers(original, reason: str, detail: str, provenance, truncated: bool = False
+                        ) -> list[tuple[str, bytes]]:
+    """A dead letter's headers: the input's own, then the reason, the detail (at most 1000 bytes),
+    the provenance (release and source position) and, for a cut value, ``fd.dlq.truncated``.
+    daemon/deadletters.py reads them back in this order."""
+    hs = [*(original or ()), (H_DLQ_REASON, reason.encode()),
+          (H_DLQ_DETAIL, detail.encode("utf-8", "replace")[:1000]), *provenance]
+    if truncated:
+        hs.append((H_DLQ_TRUNCATED, b"1"))
+    return hs
 
 
 def as_dict(headers) -> dict[str, bytes]:

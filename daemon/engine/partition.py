@@ -29,10 +29,10 @@ class Partition:
     position: int = -1
     """Next input offset after the last processed record."""
     highest: int = -1
-    fetched: int = -1
-    """Next input offset after the last record handed to the model (may run ahead of ``position``
-    by the one batch in flight)."""
     """Highest ``position`` ever reached (to count replayed records after a rewind)."""
+    fetched: int = -1
+    """Next input offset after the last record handed to the model (runs ahead of ``position`` by
+    the batches in flight or held)."""
     in_txn: bool = False
     uncommitted: int = 0
     topic_b: bytes = b""

@@ -92,21 +92,17 @@ class StateStore:
     def get_many(self, ns: str, keys: list[bytes]) -> dict[bytes, bytes | None]:
         out: dict[bytes, bytes | None] = {}
         missing = []
-        pending, committing, overlay, cache = self.pending, self.committing, self.overlay, self.cache
-        flushing = self.flushing
+        cache = self.cache
+        # newest first: the open interval, the one committing, committed (in memory, being
+        # flushed), then what was read or flushed before; empty layers are skipped
+        layers = [d for d in (self.pending, self.committing, self.overlay, self.flushing, cache) if d]
         for k in keys:
             nk = (ns, k)
-            hit = pending.get(nk, ...)
-            if hit is ... and committing:
-                hit = committing.get(nk, ...)
-            if hit is ...:
-                hit = overlay.get(nk, ...)
-                if hit is ... and flushing:
-                    hit = flushing.get(nk, ...)
-                if hit is ...:
-                    hit = cache.get(nk, ...)
-            if hit is not ...:
-                out[k] = hit
+            for layer in layers:
+                hit = layer.get(nk, ...)
+                if hit is not ...:
+                    out[k] = hit
+                    break
             else:
                 missing.append(k)
         if missing:

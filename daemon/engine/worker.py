@@ -199,20 +199,18 @@ class InProcessWorker(_Worker):
             return self._processor.process(items, states, carry)
 
         fut = loop.run_in_executor(self._pool, run)
+        while not fut.done():
+            left = self.predict_timeout - (time.monotonic() - started[0]) if started else self.predict_timeout
+            if left <= 0:
+                self.dead = True  # the thread cannot be killed; this worker is done
+                raise WorkerTimeout(f"{self.label} in-process predict did not answer within "
+                                    f"{self.predict_timeout:.3f}s")
+            await asyncio.wait({fut}, timeout=left)
         try:
-            while True:
-                left = self.predict_timeout - (time.monotonic() - started[0] if started else 0.0)
-                try:
-                    results, new_states = await asyncio.wait_for(asyncio.shield(fut), max(left, 0.001))
-                    return results, new_states, time.monotonic() - started[0]
-                except asyncio.TimeoutError:
-                    if started and time.monotonic() - started[0] >= self.predict_timeout:
-                        raise
-        except asyncio.TimeoutError:
-            self.dead = True  # the thread cannot be killed; this worker is done
-            raise WorkerTimeout(f"{self.label} in-process predict did not answer within {self.predict_timeout:.3f}s")
+            results, new_states = fut.result()
         except Exception as exc:
             raise BatchFailed(f"{self.label} predict failed: {type(exc).__name__}: {exc}") from exc
+        return results, new_states, time.monotonic() - started[0]
 
     async def health(self) -> bool:
         if self.dead:

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
                 # one only re-scan live records; cyclic garbage is collected between batches.
                 gc.disable()
                 try:
-                    results, states = processor.process(request[1], request[2], request[3] if len(request) > 3 else ())
+                    results, states = processor.process(request[1], request[2], request[3])
                 finally:
                     gc.enable()
                 send(("result", results, states))

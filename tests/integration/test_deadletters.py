@@ -8,8 +8,8 @@ import sys
 
 import orjson
 
-from daemon.deadletters import H_REPLAYED_FROM
 from daemon.engine import headers as H
+from daemon.engine.headers import H_REPLAYED_FROM
 from tests import kafkatools, streams
 from tests.daemonproc import DaemonProc, make_topics, write_config
 

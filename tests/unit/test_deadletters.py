@@ -10,13 +10,10 @@ from daemon.errors import ConfigError
 
 
 def _engine_headers(original, reason: str, truncated: bool = False):
-    """The header list engine._add_dlq writes: original, reason, detail, release, source (, truncated)."""
-    hs = list(original) + [(H.H_DLQ_REASON, reason.encode()), (H.H_DLQ_DETAIL, b"amount: 'ten' is not a number")]
-    hs += H.source_headers(b"payments", b"3", 1234, H.release_headers({"name": "fraud", "version": "1.0.0",
-                                                                        "digest": "d" * 64}))
-    if truncated:
-        hs.append(("fd.dlq.truncated", b"1"))
-    return hs
+    """The headers the engine writes on a dead letter (the same function builds them there)."""
+    provenance = (H.release_headers({"name": "fraud", "version": "1.0.0", "digest": "d" * 64})
+                  + H.source_headers(b"payments", b"3", 1234))
+    return H.dead_letter_headers(original, reason, "amount: 'ten' is not a number", provenance, truncated)
 
 
 def test_the_headers_failoverd_added_are_split_from_the_originals():
