@@ -371,6 +371,7 @@ def report(saved: Path, write: bool = True) -> None:
     d = json.loads(saved.read_text())
     res, keys, env, n = d["results"], d["keys"], d["env"], d["n"]
     args = argparse.Namespace(**d["args"])
+    publish = write and not getattr(args, "no_doc", False)  # a diagnostic run leaves the doc and chart alone
     tp = res["throughput"]
     ref = "failoverd-eos"
     med = {k: C.stats([r["rate"] for r in tp[k]])["median"] for k in keys if tp.get(k)}
@@ -427,7 +428,8 @@ def report(saved: Path, write: bool = True) -> None:
                                 f"{store[ref]:.2f} s vs " + ", ".join(f"{SYSTEMS[k]} {v:.2f} s" for k, v in others.items())
                                 + f" — **{'MET' if ok else 'NOT MET'}**")
     print("\n" + t_table + "\n\n" + r_table + "\n\n" + s_table + "\n\n" + "\n".join(verdicts))
-    chart(d)
+    if publish:
+        chart(d)
     big = max((r["keys"] for r in res["scaling"]), default=0)
     body = [
         "## Peers (issue 7)\n",
@@ -477,7 +479,7 @@ def report(saved: Path, write: bool = True) -> None:
     if verdicts:
         body += ["### Targets (issue 7)\n", "\n".join(verdicts), ""]
     body.append("![peers chart](benchmarks-peers.png)\n")
-    C.publish_section("peers", body, HERE / "notes.md", write=write and not getattr(args, "no_doc", False),
+    C.publish_section("peers", body, HERE / "notes.md", write=publish,
                       also=" and docs/benchmarks-peers.png")
 
 
