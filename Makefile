@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help install demo test test-unit kafka-up kafka-down kafka-status bench bench-failover bench-peers bench-deps clean
+.PHONY: help install system-deps demo test test-unit kafka-up kafka-down kafka-status bench bench-failover bench-peers bench-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -17,16 +17,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install failoverd with its test extra
 
+system-deps:  ## install the system tools the tests need (java, maven, promtool, systemd-analyze) via apt
+	@PYTHON=$(PYTHON) bash deploy/ci-system-deps.sh
+
 demo: $(STAMP)  ## run the demo on the local broker (starts it if needed)
 	$(BIN)/failoverd kafka up
 	$(BIN)/failoverd demo
 
-test: $(STAMP)  ## run the whole test suite against the local broker (starts it if needed)
+# The system tools come first: `python3 -m venv` itself needs Debian's python3-venv.
+test: system-deps $(STAMP)  ## run the whole test suite against the local broker (installs tools, starts it)
 	$(BIN)/failoverd kafka up
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
-test-unit: $(STAMP)  ## unit tests only (no broker)
-	$(BIN)/python -m pytest tests -m "not integration"
+test-unit: system-deps $(STAMP)  ## unit tests only (no broker)
+	$(BIN)/python -m pytest tests -m "not integration" --durations=25
 
 kafka-up: $(STAMP)  ## start the local single-node KRaft broker on 127.0.0.1:9092
 	$(BIN)/failoverd kafka up

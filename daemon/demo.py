@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from daemon.engine import headers as H
-from daemon.errors import FailoverdError
+from daemon.errors import BrokerError, FailoverdError
 
 ROLES = ("input", "output", "dlq", "changelog", "checkpoint", "control")
 
@@ -36,6 +36,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_broker(bootstrap: str, timeout: float = 3.0) -> None:
+    """Raise BrokerError unless a Kafka broker answers a metadata request at ``bootstrap``."""
+    import socket
+
+    from daemon.kafka_local import _metadata_ok
+
+    fix = ("fix: start the local broker with `failoverd kafka up` (`make demo` does), or pass --bootstrap "
+           "HOST:PORT of a running one")
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    if not host or not port.isdigit():
+        raise BrokerError(f"--bootstrap {bootstrap!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise BrokerError(f"no Kafka broker at {bootstrap} ({exc.strerror or exc}); {fix}") from None
+    if not _metadata_ok(bootstrap):
+        raise BrokerError(f"{bootstrap} accepts connections but does not answer as a Kafka broker; {fix}")
 
 
 def synthetic(n: int, seed: int, crash_at: int) -> list[tuple[bytes, bytes]]:
@@ -265,4 +285,27 @@ port = 0
         self.say(f"wall time             {elapsed:.1f} s; daemon log {log_path}")
         ok = duplicates == 0 and missing == 0 and len(failovers) >= 1
         self.say("RESULT: " + ("exactly once across the failover" if ok else "FAILED"))
+        self.say_next_steps(log_path)
         return 0 if ok else 1
+
+    def say_next_steps(self, log_path: Path) -> None:
+        """The commands that show what the run did: it used its own configuration, not config/."""
+        cfg = self.work / "failoverd.toml"
+        exe = _failoverd_command(self.root)
+        self.say("")
+        self.say(f"== look at what it did (configuration {cfg}) ==")
+        self.say(f"{exe} release history --config {cfg}")
+        self.say(f"{exe} dlq list --config {cfg}")
+        self.say(f"{exe} config check {cfg}")
+        self.say(f"less {log_path}")
+
+
+def _failoverd_command(root: Path) -> str:
+    """How to run ``failoverd`` from the repository root, as this process was started."""
+    exe = Path(sys.executable).parent / "failoverd"
+    if not exe.is_file():
+        return f"{sys.executable} -m daemon"
+    try:
+        return str(exe.relative_to(root)) if exe.is_relative_to(root) else str(exe)
+    except ValueError:  # pragma: no cover
+        return str(exe)

@@ -49,3 +49,6 @@ def pytest_collection_modifyitems(config, items):
         if f"{os.sep}chaos{os.sep}" in path:
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.chaos)
+        if f"{os.sep}hostile{os.sep}" in path:
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.hostile)

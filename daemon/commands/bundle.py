@@ -6,7 +6,15 @@ import json
 import sys
 from pathlib import Path
 
+from daemon.commands import existing_path, input_file, output_dir
 from daemon.errors import BundleError
+
+PATH_HELP = "a .fdb bundle archive (from `failoverd bundle build`) or an unpacked bundle directory"
+PATH_FIX = "pass a .fdb archive from `failoverd bundle build` or an unpacked bundle directory"
+
+
+def _bundle_path(path: Path) -> Path:
+    return existing_path("bundle", path, PATH_FIX)
 
 
 def register(sub) -> None:
@@ -24,13 +32,14 @@ def register(sub) -> None:
     b.set_defaults(func=run_build)
 
     v = bsub.add_parser("verify", help="re-hash a bundle (archive or unpacked dir); name every bad file")
-    v.add_argument("path", type=Path)
+    v.add_argument("path", type=Path, help=PATH_HELP)
     v.add_argument("--check-env", action="store_true",
                    help="also check that this Python and its installed packages satisfy the lock")
+    v.add_argument("--json", action="store_true", help="print {ok, ref, digest, files, environment_checked} as JSON")
     v.set_defaults(func=run_verify)
 
     i = bsub.add_parser("inspect", help="show a bundle's manifest")
-    i.add_argument("path", type=Path)
+    i.add_argument("path", type=Path, help=PATH_HELP)
     i.add_argument("--json", action="store_true", help="the whole manifest and digest as JSON")
     i.set_defaults(func=run_inspect)
 
@@ -38,8 +47,9 @@ def register(sub) -> None:
                         description="Each input line is {\"key\": ..., \"value\": {...}} or a bare value. Inputs and "
                                     "outputs are validated against the bundle's schemas, state is carried per key. "
                                     "Prints one JSON line per record. Exit 1 if an input or output violated its "
-                                    "schema or predict raised (a RecordError is a dead letter, not a failure).")
-    t.add_argument("path", type=Path)
+                                    "schema, was not JSON, or predict raised (a RecordError is a dead letter, not a "
+                                    "failure); a bad line is reported and the next one is read.")
+    t.add_argument("path", type=Path, help=PATH_HELP)
     t.add_argument("--input", type=Path, help="JSON-lines file (default: stdin)")
     t.add_argument("--unpack-dir", type=Path, help="where archives are unpacked (default: user cache)")
     t.set_defaults(func=run_try)
@@ -48,7 +58,8 @@ def register(sub) -> None:
 def run_build(args) -> int:
     from daemon.bundle.build import build
 
-    built = build(args.src, args.out, with_wheels=args.with_wheels)
+    existing_path("bundle source", args.src, "pass the directory holding bundle.toml")
+    built = build(args.src, output_dir("--out", args.out), with_wheels=args.with_wheels)
     if args.json:
         print(json.dumps({"path": str(built.path), "digest": built.digest, "name": built.manifest["bundle"]["name"],
                           "version": built.manifest["bundle"]["version"]}))
@@ -67,12 +78,16 @@ def run_verify(args) -> int:
         from daemon.bundle.loader import open_bundle
 
         with tempfile.TemporaryDirectory(prefix="failoverd-verify-") as tmp:
-            bundle: Bundle = open_bundle(args.path, Path(tmp))
+            bundle: Bundle = open_bundle(_bundle_path(args.path), Path(tmp))
             bundle.check_environment()
             ref, digest, n = bundle.ref, bundle.digest, len(bundle.manifest["files"])
     else:
-        v = verify_path(args.path)
+        v = verify_path(_bundle_path(args.path))
         ref, digest, n = v.ref, v.digest, len(v.manifest["files"])
+    if args.json:
+        print(json.dumps({"ok": True, "ref": ref, "digest": digest, "files": n,
+                          "environment_checked": args.check_env}))
+        return 0
     env = ", environment satisfies the lock" if args.check_env else ""
     print(f"ok: {ref} digest {digest}: {n} files verify{env}")
     return 0
@@ -95,7 +110,7 @@ def _read_manifest(path: Path) -> tuple[dict, str]:
 
 
 def run_inspect(args) -> int:
-    manifest, digest = _read_manifest(args.path)
+    manifest, digest = _read_manifest(_bundle_path(args.path))
     if args.json:
         print(json.dumps({"digest": digest, "manifest": manifest}, indent=2, sort_keys=True))
         return 0
@@ -126,6 +141,11 @@ def run_try(args) -> int:
     from daemon.bundle.loader import open_bundle
     from daemon.model import Record, RecordError, normalize
 
+    _bundle_path(args.path)
+    if args.input is not None:
+        input_file("--input", args.input)  # before the bundle is unpacked and its model loaded
+    if args.unpack_dir is not None:
+        output_dir("--unpack-dir", args.unpack_dir)
     bundle = open_bundle(args.path, args.unpack_dir)
     bundle.check_environment()
     model = bundle.instantiate()
@@ -133,14 +153,19 @@ def run_try(args) -> int:
         model.warm_up()
     validate_in = validator_for(bundle.input_schema)(bundle.input_schema)
     validate_out = validator_for(bundle.output_schema)(bundle.output_schema)
-    source = open(args.input, encoding="utf-8") if args.input else sys.stdin
+    source = open(args.input, encoding="utf-8", errors="replace") if args.input else sys.stdin
     states: dict = {}
     failed = 0
     try:
         for number, line in enumerate(source, 1):
             if not line.strip():
                 continue
-            doc = orjson.loads(line)
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:  # the engine dead-letters it (bad_json); go on
+                failed += 1
+                print(json.dumps({"line": number, "input_error": [f"not JSON: {exc}"]}))
+                continue
             key, value = (doc.get("key"), doc["value"]) if isinstance(doc, dict) and "value" in doc else (None, doc)
             errors = sorted(e.message for e in validate_in.iter_errors(value))
             if errors:

@@ -37,7 +37,8 @@ def register(sub) -> None:
 
     pr = actions.add_parser("promote", help="place a bundle on a channel")
     pr.add_argument("ref", help="bundle ref: name@version or sha256 digest")
-    pr.add_argument("--channel", required=True, choices=["active", "standby"])
+    pr.add_argument("--channel", required=True, choices=["active", "standby"],
+                    help="active: produces the outputs; standby: takes over when the active release fails")
     pr.add_argument("--reason", default=None, help="why (recorded in the release log; default names you)")
 
     rb = actions.add_parser("rollback", help="return to an earlier release")

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+
+EXIT_HELP = ("exit status: 0 every input came out exactly once (as an output or a dead letter) across a "
+             "failover; 1 an input was duplicated or missing, no failover happened, or the demo could not run "
+             "(no broker at --bootstrap: start it with `failoverd kafka up`); 2 bad arguments")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 10:
+        raise argparse.ArgumentTypeError(f"{value} is too few: at least 10 records (the crash is at the middle)")
+    return value
 
 
 def register(sub) -> None:
@@ -10,17 +25,23 @@ def register(sub) -> None:
                        description="Build the example bundles, promote 2.0.0 active and 1.0.0 standby, stream "
                                    "synthetic inputs, crash 2.0.0's model process part-way, fail over to 1.0.0, "
                                    "and report records in/out/dead-lettered, the failover's reason and duration, "
-                                   "records replayed, duplicates and missing inputs. Exits 1 on any duplicate or "
-                                   "missing record. Start the broker first: `failoverd kafka up`.")
-    p.add_argument("--records", type=int, default=20000, help="synthetic inputs to stream (default %(default)s)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--standby-mode", choices=["hot", "warm", "cold"], default="warm")
-    p.add_argument("--bootstrap", default="127.0.0.1:9092", help="broker (default: the local one)")
+                                   "records replayed, duplicates and missing inputs, then the commands that show "
+                                   "what it did (its configuration, dead letters, release history, daemon log are "
+                                   "under .local/demo/<run>/). Start the broker first: `failoverd kafka up`.",
+                       epilog=EXIT_HELP)
+    p.add_argument("--records", type=_positive, default=20000, help="synthetic inputs to stream (default %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="random seed of the synthetic inputs (default %(default)s)")
+    p.add_argument("--standby-mode", choices=["hot", "warm", "cold"], default="warm",
+                   help="how ready the standby is: hot (shadows every batch), warm (model loaded), cold (nothing "
+                        "loaded) (default %(default)s)")
+    p.add_argument("--bootstrap", default="127.0.0.1:9092", help="broker (default: the local one, %(default)s)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from daemon.demo import Demo
+    from daemon.demo import Demo, check_broker
     from daemon.kafka_local import find_repo_root
 
-    return asyncio.run(Demo(find_repo_root(), args.bootstrap, args.records, args.seed, args.standby_mode).run())
+    root = find_repo_root()
+    check_broker(args.bootstrap)  # before building anything: a missing broker is the usual first stumble
+    return asyncio.run(Demo(root, args.bootstrap, args.records, args.seed, args.standby_mode).run())

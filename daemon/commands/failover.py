@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 
@@ -15,6 +16,7 @@ def register(sub) -> None:
     p.add_argument("--reason", required=True, help="why (logged, and recorded with the failover)")
     p.add_argument("--config", type=Path, default=Path("config/failoverd.toml"),
                    help="configuration naming the brokers and the control topic (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the published request event as JSON")
     p.set_defaults(func=run)
 
 
@@ -24,5 +26,8 @@ def run(args) -> int:
 
     settings = config.load(args.config)
     event = asyncio.run(ReleaseRecorder(settings).request_failover(args.reason))
+    if args.json:
+        print(json.dumps({"control_topic": settings.registry.control_topic, "event": event}, indent=2, default=str))
+        return 0
     print(f"failover requested on control topic {settings.registry.control_topic} (event {event['id']})")
     return 0

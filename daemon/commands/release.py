@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from daemon.commands import UsageError, input_file
 from daemon.errors import ConfigError, ControlTopicError, RegistryError
 
 DEFAULT_CONFIG = Path("config/failoverd.toml")
@@ -34,10 +35,14 @@ def register(sub) -> None:
             q.add_argument("--control-topic", help="control topic (overrides [registry] control_topic)")
         if publishes:
             q.add_argument("--no-publish", action="store_true", help="do not publish the change to the control topic")
+        if kafka or publishes:
+            q.add_argument("--json", action="store_true",
+                           help="print the result as JSON (notes and warnings stay on stderr)")
 
     q = rsub.add_parser("promote", help="put NAME@VERSION (or a digest) on a channel")
     q.add_argument("ref", metavar="NAME@VERSION", help="bundle name@version, or its digest (prefix)")
-    q.add_argument("--channel", required=True, choices=["active", "standby"])
+    q.add_argument("--channel", required=True, choices=["active", "standby"],
+                   help="active: produces the outputs; standby: takes over when the active release fails")
     q.add_argument("--reason", required=True, help="why (recorded in the release log)")
     q.add_argument("--bundle", type=Path, help="add this .fdb archive to the registry first")
     q.add_argument("--allow-incompatible-schema", action="store_true",
@@ -48,7 +53,7 @@ def register(sub) -> None:
 
     q = rsub.add_parser("rollback", help="return the active channel to an earlier release")
     q.add_argument("--to", metavar="NAME@VERSION", help="target (default: the release active before the current one)")
-    q.add_argument("--reason", required=True)
+    q.add_argument("--reason", required=True, help="why (recorded in the release log)")
     q.add_argument("--rescore", action="store_true",
                    help="also re-run the inputs the rolled-back release handled through the restored one and "
                         "write the results as corrections (header fd.correction)")
@@ -57,12 +62,12 @@ def register(sub) -> None:
     q.set_defaults(func=run_rollback)
 
     q = rsub.add_parser("status", help="what is active and standby")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print {active, standby} as JSON (null when empty)")
     common(q)
     q.set_defaults(func=run_status)
 
     q = rsub.add_parser("history", help="the release log, or what was active at a moment (--at)")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print the releases (or, with --at, the active one) as JSON")
     q.add_argument("--at", metavar="TIMESTAMP", help="ISO 8601 time (UTC if no offset), e.g. 2024-06-02T14:05:00Z")
     common(q)
     q.set_defaults(func=run_history)
@@ -94,16 +99,25 @@ def _settings(args):
     raise ConfigError(f"daemon.config has no loader for {path}")  # pragma: no cover
 
 
-def _registry(args):
+def _registry(args, *, must_exist: bool = False):
+    """The registry of --registry or the configuration. ``must_exist``: reading commands refuse a
+    directory that is not there (a typo would otherwise read as "nothing released")."""
     from daemon.registry import Registry
 
     if args.registry is not None:
-        return Registry(args.registry)
-    settings = _settings(args)
-    if settings is None:
-        raise ConfigError(f"no registry: pass --registry DIR, or a configuration with [registry] path "
-                          f"(--config FILE; default {DEFAULT_CONFIG} does not exist)")
-    return Registry(Path(settings.registry.path))
+        path, named = args.registry, "--registry"
+    else:
+        settings = _settings(args)
+        if settings is None:
+            raise ConfigError(f"no registry: pass --registry DIR, or a configuration with [registry] path "
+                              f"(--config FILE; default {DEFAULT_CONFIG} does not exist)")
+        path, named = Path(settings.registry.path), f"[registry] path of {settings.source}"
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"registry {path} ({named}) is not a directory; fix: name the registry directory")
+    if must_exist and not path.is_dir():
+        raise UsageError(f"registry {path} ({named}) does not exist: nothing was ever promoted there; fix: check "
+                         "the path, or promote a release first (`failoverd release promote ... --bundle FILE`)")
+    return Registry(path)
 
 
 def _kafka_target(args) -> tuple[dict | None, str | None, str]:
@@ -119,13 +133,14 @@ def _kafka_target(args) -> tuple[dict | None, str | None, str]:
     return kwargs, topic, ""
 
 
-def _publish(args, release, extra: dict | None = None) -> None:
+def _publish(args, release, extra: dict | None = None) -> str | None:
+    """Publish the release event; the control topic it went to, or None (a note on stderr says why)."""
     if args.no_publish:
-        return
+        return None
     kwargs, topic, why_not = _kafka_target(args)
     if kwargs is None:
         print(f"note: not published to a control topic: {why_not}", file=sys.stderr)
-        return
+        return None
     from daemon.control import publish, release_event
 
     try:
@@ -133,8 +148,14 @@ def _publish(args, release, extra: dict | None = None) -> None:
     except ControlTopicError as exc:
         print(f"warning: recorded in the release log but NOT published, so running daemons do not know yet: {exc}\n"
               f"fix: re-run the same command once the broker is reachable (it is idempotent)", file=sys.stderr)
-        return
-    print(f"published to control topic {topic}")
+        return None
+    return topic
+
+
+def _say(args, text: str) -> None:
+    """A progress line of the text output (``--json`` prints one document at the end instead)."""
+    if not getattr(args, "json", False):
+        print(text)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -144,31 +165,44 @@ def _line(r) -> str:
 
 
 def run_promote(args) -> int:
-    registry = _registry(args)
     if args.bundle is not None:
-        digest = registry.add(args.bundle)
-        print(f"added {args.bundle} as {digest}")
+        input_file("--bundle", args.bundle)
+    registry = _registry(args)
+    added = None
+    if args.bundle is not None:
+        added = registry.add(args.bundle)
+        _say(args, f"added {args.bundle} as {added}")
     before = registry.status()[args.channel]
     release = registry.promote(args.ref, args.channel, args.reason, who=args.who,
                                check_schemas=not args.allow_incompatible_schema)
-    if before is not None and before.id == release.id:
-        print(f"{release.ref} is already on channel {release.channel} (since {release.time}); nothing written")
+    changed = before is None or before.id != release.id
+    if changed:
+        _say(args, f"promoted {release.ref} ({release.digest[:12]}) to {release.channel}")
     else:
-        print(f"promoted {release.ref} ({release.digest[:12]}) to {release.channel}")
-    _publish(args, release)
+        _say(args, f"{release.ref} is already on channel {release.channel} (since {release.time}); nothing written")
+    topic = _publish(args, release)
+    _published(args, topic, {"added": added, "changed": changed, "release": release.to_dict()})
     return 0
+
+
+def _published(args, topic: str | None, doc: dict) -> None:
+    if args.json:
+        print(json.dumps(dict(doc, published_to=topic), indent=2))
+    elif topic is not None:
+        print(f"published to control topic {topic}")
 
 
 def run_rollback(args) -> int:
     registry = _registry(args)
     release = registry.rollback(args.to, args.reason, who=args.who)
-    print(f"rolled back {release.channel} to {release.ref} ({release.digest[:12]})")
-    _publish(args, release, {"rescore": True} if args.rescore else None)
+    _say(args, f"rolled back {release.channel} to {release.ref} ({release.digest[:12]})")
+    topic = _publish(args, release, {"rescore": True} if args.rescore else None)
+    _published(args, topic, {"release": release.to_dict(), "rescore": args.rescore})
     return 0
 
 
 def run_status(args) -> int:
-    registry = _registry(args)
+    registry = _registry(args, must_exist=True)
     status = registry.status()
     if args.json:
         print(json.dumps({c: (r.to_dict() if r else None) for c, r in status.items()}, indent=2))
@@ -188,7 +222,7 @@ def _parse_at(text: str) -> datetime.datetime:
 
 
 def run_history(args) -> int:
-    registry = _registry(args)
+    registry = _registry(args, must_exist=True)
     if args.at:
         at = _parse_at(args.at)
         r = registry.history(at)
@@ -216,6 +250,9 @@ def run_sync(args) -> int:
     if kwargs is None:
         raise ConfigError(f"cannot sync: {why_not}")
     new = asyncio.run(registry.sync_from_topic(kwargs, topic))
+    if args.json:
+        print(json.dumps({"control_topic": topic, "added": [r.to_dict() for r in new]}, indent=2))
+        return 0
     for r in new:
         print(f"synced {_line(r)}")
     print(f"{len(new)} release(s) added from control topic {topic}")

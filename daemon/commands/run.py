@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from daemon.commands import existing_path
+
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="run the daemon: consume, predict, produce, checkpoint, fail over",
@@ -21,5 +23,8 @@ def run(args) -> int:
     from daemon import config
     from daemon.app import App
 
+    for flag, path in (("--active-bundle", args.active_bundle), ("--standby-bundle", args.standby_bundle)):
+        if path is not None:
+            existing_path(flag, path, "pass a .fdb archive from `failoverd bundle build` or an unpacked bundle")
     settings = config.load(args.config)
     return asyncio.run(App(settings, active_bundle=args.active_bundle, standby_bundle=args.standby_bundle).run())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 from daemon import config, topics
 from daemon.errors import ConfigError
@@ -27,6 +28,9 @@ def register(sub) -> None:
         a.add_argument("--bootstrap", help="host:port[,host:port] overriding kafka.bootstrap_servers")
         if name == "apply":
             a.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+        else:
+            a.add_argument("--json", action="store_true",
+                           help="print {in_sync, bootstrap, topics_file, differences} as JSON (exit codes as without)")
         a.set_defaults(func=run_apply if name == "apply" else run_check)
 
 
@@ -53,6 +57,10 @@ def run_check(args) -> int:
     plan = asyncio.run(topics.plan_for(spec, settings))
     bootstrap = plan.cluster.bootstrap
     differences = plan.differences
+    if args.json:
+        print(json.dumps({"in_sync": not differences, "bootstrap": bootstrap, "topics_file": str(spec.source),
+                          "differences": list(differences)}, indent=2))
+        return 1 if differences else 0
     if not differences:
         print(f"in sync: the {len(spec.topics)} topics of {spec.source} match the cluster at {bootstrap}")
         return 0
