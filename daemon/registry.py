@@ -387,12 +387,21 @@ class Registry:
     # -- agreement with the control topic ----------------------------------------------------
 
     def apply_events(self, events: Iterable[dict]) -> list[Release]:
-        """Append the release events (from the control topic) this log does not have yet; returns them."""
+        """Append the release events (from the control topic) this log does not have yet; returns them.
+
+        Events :func:`daemon.control.check_event` refuses are skipped, logged and counted."""
+        from daemon import control
+
         with self._locked():
             known = {r.id for r in self.log.read()}
             new: dict[str, Release] = {}
             for event in events:
-                if not isinstance(event, dict) or event.get("type") != "release":
+                try:
+                    control.check_event(event)
+                except control.InvalidEvent as exc:
+                    control.skipped(exc.reason, str(exc), where="release log sync")
+                    continue
+                if event.get("type") != "release":
                     continue
                 doc = {k: v for k, v in event.items() if k != "type"}
                 r = Release.from_dict(doc, "control topic release event")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
 
 from daemon.engine import headers as H
 from daemon.engine.headers import H_REPLAYED_FROM
@@ -96,3 +102,147 @@ def test_bad_filters_name_the_flag_and_the_fix(tmp_path):
     assert r.returncode == 2 and "--since 'yesterday'" in r.stderr and "ISO 8601" in r.stderr, r.stderr
     r = _cli("dlq", "replay", "--config", str(cfg), "--reason", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+# ---- idempotent replay (issue #11 point 7: replaying twice sent 10 dead letters back as 24) ----
+
+def _dead_letter(i: int, source: str, reason: str = "schema", partition: int = 0) -> tuple:
+    """A dead letter as the engine writes it (the same header builder)."""
+    provenance = (H.release_headers({"name": "fraud", "version": "1.0.0", "digest": "d" * 64})
+                  + H.source_headers(source.encode(), str(partition).encode(), 100 + i))
+    return (f"card-{i}".encode(), orjson.dumps({"card_id": f"card-{i}", "n": i}),
+            H.dead_letter_headers([("trace-id", f"t{i}".encode())], reason, "amount: 'ten' is not a number",
+                                  provenance))
+
+
+async def _dlq_setup(bootstrap: str, tmp_path, n: int = 10) -> tuple[Path, dict, list]:
+    names = {r: kafkatools.unique(f"dlqre-{r}") for r in ("input", "dlq")}
+    await kafkatools.create_topics(bootstrap, {names["input"]: 2, names["dlq"]: 2})
+    letters = [_dead_letter(i, names["input"], partition=i % 2) for i in range(n)]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i, (k, v, hs) in enumerate(letters):
+            await (await producer.send(names["dlq"], v, key=k, partition=i % 2, headers=hs))
+    finally:
+        await producer.stop()
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(f'[kafka]\nbootstrap_servers = ["{bootstrap}"]\ngroup_id = "g"\n[app]\nname = "a"\n'
+                   f'[inputs]\ntopics = ["{names["input"]}"]\n[output]\ntopic = "out"\n'
+                   f'[dead_letter]\ntopic = "{names["dlq"]}"\n')
+    return cfg, names, letters
+
+
+def _replayed_copies(records) -> collections.Counter:
+    return collections.Counter(H.as_dict(r.headers)[H_REPLAYED_FROM] for r in records
+                               if H_REPLAYED_FROM in H.as_dict(r.headers))
+
+
+async def test_replaying_twice_sends_each_dead_letter_once_and_force_sends_again(kafka_bootstrap, tmp_path):
+    cfg, names, letters = await _dlq_setup(kafka_bootstrap, tmp_path, n=10)
+    first = _cli("dlq", "replay", "--config", str(cfg))
+    assert first.returncode == 0 and "replayed 10 of 10" in first.stdout, first.stdout + first.stderr
+    second = _cli("dlq", "replay", "--config", str(cfg), "--json")
+    assert second.returncode == 0, second.stdout + second.stderr
+    doc = json.loads(second.stdout)
+    assert doc["replayed"] == [] and len(doc["already_replayed"]) == 10 and doc["selected"] == 10
+    got = await kafkatools.read_committed(kafka_bootstrap, names["input"], expect=10)
+    await asyncio.sleep(1)  # nothing more arrives: read again to the end
+    got = await kafkatools.read_committed(kafka_bootstrap, names["input"], idle=0.5)
+    copies = _replayed_copies(got)
+    assert len(got) == 10 and len(copies) == 10 and set(copies.values()) == {1}, copies
+    assert sorted((r.partition, r.key, r.value) for r in got) == sorted(
+        (i % 2, k, v) for i, (k, v, _) in enumerate(letters))
+
+    # list: the markers are not dead letters; each dead letter says it was replayed
+    listed = json.loads(_cli("dlq", "list", "--config", str(cfg), "--json").stdout)
+    assert listed["count"] == 10 and listed["replayed"] == 10
+    assert all(len(d["replayed"]) == 1 and d["replayed"][0]["to"] == f"{names['input']}:{d['dlq_partition']}"
+               for d in listed["dead_letters"])
+    text = _cli("dlq", "list", "--config", str(cfg))
+    assert text.stdout.startswith(f"10 dead letter(s) in {names['dlq']}, 10 of them replayed\n"), text.stdout
+    assert text.stdout.count(" REPLAYED ") == 10
+
+    forced = _cli("dlq", "replay", "--config", str(cfg), "--force", "--limit", "3")
+    assert forced.returncode == 0 and "replayed 3 of 3" in forced.stdout, forced.stdout + forced.stderr
+    got = await kafkatools.read_committed(kafka_bootstrap, names["input"], expect=13)
+    assert sorted(_replayed_copies(got).values()) == [1] * 7 + [2] * 3
+    listed = json.loads(_cli("dlq", "list", "--config", str(cfg), "--json").stdout)
+    assert sorted(len(d["replayed"]) for d in listed["dead_letters"]) == [1] * 7 + [2] * 3
+
+
+CRASHING_REPLAY = """
+import asyncio, os, sys
+from aiokafka import AIOKafkaProducer
+from daemon import deadletters
+
+async def main(bootstrap, dlq, source):
+    kafka = {"bootstrap_servers": bootstrap}
+    letters = await deadletters.read(kafka, dlq, deadletters.Selection())
+    producer = AIOKafkaProducer(transactional_id=deadletters.transactional_id(dlq), **kafka)
+    await producer.start()
+    await producer.begin_transaction()
+    d = letters[0]
+    await (await producer.send(source, d.value, key=d.key, partition=d.source_partition))
+    k, v, hs = deadletters.marker(d, source, forced=False)
+    await (await producer.send(dlq, v, key=k, partition=d.partition, headers=hs))
+    print("sent, not committed", flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_a_replay_that_crashed_mid_transaction_neither_duplicates_nor_loses(kafka_bootstrap, tmp_path):
+    cfg, names, letters = await _dlq_setup(kafka_bootstrap, tmp_path, n=3)
+    crashing = subprocess.Popen([*ROOT_CMD[:1], "-c", CRASHING_REPLAY, kafka_bootstrap, names["dlq"], names["input"]],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.to_thread(crashing.stdout.readline)
+        assert line.startswith("sent, not committed"), line + crashing.stderr.read()
+    finally:
+        crashing.kill()  # SIGKILL: the transaction stays open on the broker
+        crashing.wait(10)
+    done = _cli("dlq", "replay", "--config", str(cfg))
+    assert done.returncode == 0 and "replayed 3 of 3" in done.stdout, done.stdout + done.stderr
+    got = await kafkatools.read_committed(kafka_bootstrap, names["input"], expect=3)
+    await asyncio.sleep(1)
+    got = await kafkatools.read_committed(kafka_bootstrap, names["input"], idle=0.5)
+    assert len(got) == 3 and sorted(_replayed_copies(got).values()) == [1, 1, 1]  # the aborted one is not visible
+
+
+@pytest.mark.parametrize("command", [["dlq", "list"], ["dlq", "replay", "--dry-run"], ["dlq", "replay"],
+                                     ["release", "sync", "--registry", "{tmp}/registry"]])
+def test_an_unreachable_broker_is_one_line_exit_1_and_fast(tmp_path, command):
+    from tests.daemonproc import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(f'[kafka]\nbootstrap_servers = ["{address}"]\ngroup_id = "g"\n[app]\nname = "a"\n'
+                   '[inputs]\ntopics = ["in"]\n[output]\ntopic = "out"\n[dead_letter]\ntopic = "dlq"\n'
+                   f'[registry]\npath = "{tmp_path}/registry"\ncontrol_topic = "ctl"\n')
+    started = time.monotonic()
+    r = _cli(*[c.format(tmp=tmp_path) for c in command], "--config", str(cfg))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "Unclosed" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("failoverd: error: "), r.stderr
+    assert f"broker unreachable at {address}" in lines[0], lines
+    assert "fix:" in lines[0] and time.monotonic() - started < 20
+
+
+def test_a_missing_topic_names_the_key_and_timeouts_are_one_line_errors(kafka_bootstrap, tmp_path):
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(f'[kafka]\nbootstrap_servers = ["{kafka_bootstrap}"]\ngroup_id = "g"\n[app]\nname = "a"\n'
+                   '[inputs]\ntopics = ["in"]\n[output]\ntopic = "out"\n'
+                   f'[dead_letter]\ntopic = "{kafkatools.unique("absent-dlq")}"\n')
+    for command in (["list"], ["replay", "--dry-run"], ["replay"]):
+        r = _cli("dlq", *command, "--config", str(cfg))
+        assert r.returncode == 2 and "does not exist" in r.stderr and "[dead_letter] topic" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _cli("dlq", "list", "--config", str(cfg), "--timeout", "0")
+    assert r.returncode == 2 and "--timeout 0: must be more than 0" in r.stderr, r.stderr
+    for command in (["list"], ["replay", "--dry-run"]):  # too short to read anything: a timeout, said in one line
+        r = _cli("dlq", *command, "--config", str(cfg), "--timeout", "0.0001")
+        assert r.returncode == 1 and "within 0.0001s; fix: allow more time (--timeout SECONDS)" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -45,3 +45,31 @@ def test_a_record_without_failoverd_headers_is_still_readable():
     d = parse(2, 9, 0, None, b"x", [("h", b"1")])
     assert isinstance(d, DeadLetter) and d.reason == "unknown" and d.original_headers == [("h", b"1")]
     assert d.source_topic is None and d.source_partition is None
+
+
+def test_a_replay_marker_is_not_a_dead_letter_and_names_the_one_it_marks():
+    from daemon.deadletters import H_REPLAY_OF, marker, marker_of
+
+    d = parse(1, 42, 0, b"k", b"v", _engine_headers([], "schema"))
+    key, value, headers = marker(d, "payments:3", forced=False)
+    assert marker_of(headers) == (1, 42) and headers == [(H_REPLAY_OF, b"1/42")]
+    assert marker_of(_engine_headers([], "schema")) is None
+    # an input that carried the marker header among its own is still a dead letter
+    assert marker_of(_engine_headers([(H_REPLAY_OF, b"0/1")], "schema")) is None
+
+
+def test_replay_plan_skips_replayed_ones_unless_forced_and_limit_moves_on():
+    import dataclasses
+
+    from daemon.deadletters import plan
+
+    letters = [parse(0, i, i, b"k", b"v", _engine_headers([], "schema")) for i in range(5)]
+    letters[0] = dataclasses.replace(letters[0], replays=({"to": "payments:3"},))
+    letters[1] = dataclasses.replace(letters[1], truncated=True)
+    todo, report = plan(letters, to_topic=None, force=False)
+    assert [d.offset for d in todo] == [2, 3, 4] and [d.offset for d in report.already] == [0]
+    assert report.skipped == {"truncated when dead-lettered (the original value is gone)": 1}
+    todo, _ = plan(letters, to_topic=None, force=True)
+    assert [d.offset for d in todo] == [0, 2, 3, 4]
+    todo, _ = plan(letters, to_topic=None, force=False, limit=2)
+    assert [d.offset for d in todo] == [2]  # the truncated one counts against the limit, the replayed one does not
