@@ -5,7 +5,7 @@ It runs on the daemon's own asyncio event loop (aiohttp): no extra thread or pro
 engine behind it is not its business.
 
     GET  /healthz    200 "ok" / 503            the loop answers and controller.healthy()
-    GET  /readyz     200 "ready" / 503 reason  controller.ready()
+    GET  /readyz     200 "ready[: note]" / 503 reason  controller.ready()
     GET  /status     200 JSON                  controller.status()
     GET  /metrics    Prometheus exposition of the registry
     POST /failover   {"reason"}                            -> controller.request_failover
@@ -227,8 +227,8 @@ class AdminServer:
         except Exception as exc:
             log.exception("controller.ready() raised")
             ok, reason = False, f"readiness check failed: {exc}"
-        if ok:
-            return web.Response(text="ready\n")
+        if ok:  # ready, with a note when something is degraded (e.g. the standby is unavailable)
+            return web.Response(text="ready\n" if reason in ("", "ok") else f"ready: {reason}\n")
         return web.Response(status=503, text=f"not ready: {reason}\n")
 
     async def _status(self, request: web.Request) -> web.Response:

@@ -43,6 +43,17 @@ def resolve_bundles(settings, active_bundle: Path | None, standby_bundle: Path |
     return a, s
 
 
+async def _first_of(*coros) -> None:
+    """Wait until one of ``coros`` ends; cancel the others."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class AppControl:
     """What the admin API sees of the running daemon (daemon.admin.Controller)."""
 
@@ -54,18 +65,37 @@ class AppControl:
         return task is not None and not task.done()
 
     def ready(self) -> tuple[bool, str]:
+        """The engine's readiness. A missing standby does not make the daemon unready (the active
+        serves every record), but the reason says so: ``standby unavailable, ...``."""
         if self.app.engine is None:
             return False, "starting"
-        return self.app.engine.ready()
+        ok, why = self.app.engine.ready()
+        gap = self.app.controller.standby_gap() if ok and self.app.controller else None
+        return (ok, gap) if gap else (ok, why)
 
     def status(self) -> dict:
         engine, controller = self.app.engine, self.app.controller
         doc = engine.status() if engine else {"starting": True}
         doc["standby_mode"] = self.app.settings.failover.standby_mode
         doc["standby_ready"] = bool(engine and engine.standby is not None and not getattr(engine.standby.worker, "dead", False))
+        if engine and controller:
+            doc["standby"] = self._standby_block(engine, controller, doc.get("standby"), doc["standby_ready"])
         doc["failovers"] = controller.recent() if controller else []
         doc["ready"], doc["ready_reason"] = self.ready()
         return doc
+
+    @staticmethod
+    def _standby_block(engine, controller, loaded: dict | None, ready: bool) -> dict | None:
+        """The loaded standby with ``state: ready``; or, while the wanted one is not loaded (loading,
+        failed and retrying, died), ``state: loading|unavailable`` with the load error and the next
+        retry; null when no standby is wanted (none configured, cold mode, after a failover)."""
+        pending = controller.keeper.pending(engine) if controller.mode != "cold" else None
+        if loaded is not None and ready:
+            return dict(loaded, state="ready", **({"replacement": pending} if pending else {}))
+        if pending is None:
+            return loaded
+        state = "loading" if pending["error"] is None else "unavailable"
+        return dict(name=None, version=None, digest=None, pid=None, state=state, **pending)
 
     async def request_failover(self, reason: str) -> dict:
         self.app.controller.request(reason)
@@ -105,11 +135,13 @@ class App:
         self._signals = 0
 
     async def _load(self, path: Path, channel: str) -> LoadedRelease:
-        w = self.settings.worker
+        w, f = self.settings.worker, self.settings.failover
         return await load_release(path, channel=channel, mode=w.mode,
                                   unpack_dir=Path(self.settings.state.directory) / "bundles",
                                   predict_timeout=w.predict_timeout_ms / 1000,
-                                  start_timeout=w.start_timeout_ms / 1000)
+                                  start_timeout=w.start_timeout_ms / 1000,
+                                  isolate_max_records=f.isolate_max_records,
+                                  isolate_max_fraction=f.isolate_max_fraction)
 
     def _on_signal(self, signame: str) -> None:
         self._signals += 1
@@ -183,11 +215,10 @@ class App:
             if self.active_bundle is None:
                 await self._sync_registry()
             a_path, s_path = resolve_bundles(s, self.active_bundle, self.standby_bundle)
-            loads = [self._load(a_path, "active")]
-            if s_path is not None and s.failover.standby_mode in ("hot", "warm"):
-                loads.append(self._load(s_path, "standby"))
-            # The model processes start while Kafka connects, joins the group and restores state.
-            loading = asyncio.ensure_future(asyncio.gather(*loads))
+            # The active's model process starts while Kafka connects, joins the group and restores
+            # state. The standby (hot/warm) loads beside it in the background: one that cannot load
+            # is retried, and never keeps the active from serving (daemon/failover/standby.py).
+            loading = asyncio.ensure_future(self._load(a_path, "active"))
             recorder = ReleaseRecorder(s)
             self.controller = FailoverController(s, loader=self._load, standby_path=s_path,
                                                  recorder=recorder.record_failover)
@@ -195,16 +226,24 @@ class App:
                                  observers=[self.controller.observe])
             self.engine.on_change = self.controller.apply_change
             self.controller.attach(self.engine)
+            keeper = self.controller.keep_standby()
+            if keeper is not None:
+                background.append(keeper)
             self.notifier.status("loading releases, joining the consumer group and restoring state")
             try:
                 await self._start_engine()
-                loaded = await loading
+                active = await loading
+                if keeper is not None and s.failover.standby_mode == "hot":
+                    # a hot standby shadows from the first batch on (its state stays exact): wait
+                    # for its first load to end; if that fails, the active starts alone
+                    await _first_of(self.controller.keeper.first_attempt.wait(), self.engine.stopping.wait())
             except BaseException:
                 loading.cancel()
                 await asyncio.gather(loading, return_exceptions=True)
+                await self.controller.stop_standby()
                 await self.engine.close()
                 raise
-            self.engine.set_releases(loaded[0], loaded[1] if len(loaded) > 1 else None)
+            self.engine.set_releases(active, self.engine.standby)  # the standby, if it loaded already
             watcher = ControlWatcher(s, self.engine, self.controller)
             background.append(asyncio.create_task(watcher.follow(), name="control-watcher"))
             background.append(asyncio.create_task(self._notify_ready(), name="sd-ready"))

@@ -4,7 +4,9 @@ The procedure (the engine has already aborted the open transaction and rewound e
 partition to its last checkpoint before :meth:`handle` runs):
 
 1. check the anti-flapping policy (cool-down, cap per window); blocked -> pause loudly;
-2. find a healthy standby (hot/warm: loaded; cold: load it now); none -> pause loudly;
+2. find a healthy standby (hot/warm: loaded; cold: load it now); none -> pause loudly (a hot/warm
+   standby that is still loading or retrying, see :mod:`daemon.failover.standby`, ends that
+   pause once it has loaded);
 3. stop the failed worker, make the standby active (its state namespace is already restored
    to the last checkpoint in the local store), publish the release info;
 4. record the failover (release log + control topic, off the hot path);
@@ -12,6 +14,12 @@ partition to its last checkpoint before :meth:`handle` runs):
    closes the failover's duration.
 
 A paused daemon keeps its state and offsets and emits nothing; readiness is false.
+
+Release changes from the control topic (:meth:`FailoverController.apply_change`) switch the
+active at a checkpoint boundary. A switch that follows another instance's failover goes through
+the same anti-flapping policy: it counts toward the cap, and while the policy blocks it, it is
+deferred (re-queued when the cool-down or the window allows it), never dropped. An operator's
+promote or rollback is applied at once and does not count: a human decided.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from daemon.engine.batch import DLQ
 from daemon.errors import ReleaseFailure
 from daemon.failover.policy import FailoverPolicy
 from daemon.failover.signals import HealthMonitor
+from daemon.failover.standby import StandbyKeeper
 
 log = logging.getLogger("failoverd.failover")
 
@@ -40,7 +49,7 @@ class FailoverController:
         self.settings = settings
         self.mode = f.standby_mode
         self.loader = loader
-        self.standby_path = standby_path
+        self.keeper = StandbyKeeper(loader=loader, path=standby_path, on_installed=self._standby_installed)
         self.recorder = recorder
         self.monitor = HealthMonitor(window=f.error_window, min_samples=f.min_samples,
                                      error_rate=f.error_rate_threshold, latency_p99_s=f.latency_p99_slo_ms / 1000,
@@ -54,10 +63,55 @@ class FailoverController:
         self._open_event: dict | None = None
         self.pause_kind: str | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._keeper_task: asyncio.Task | None = None
+        self._active_wanted: str | None = None  # the active digest of the last release change ...
+        self._active_kind: str | None = None  # ... and the kind of event that asked for it
+        self._deferred: dict | None = None  # a release change the policy holds back
+
+    @property
+    def standby_path(self) -> Path | None:
+        """The standby bundle wanted now (hot/warm: kept loaded by the keeper; cold: loaded at failover)."""
+        return self.keeper.path
+
+    @standby_path.setter
+    def standby_path(self, path: Path | None) -> None:
+        self.keeper.path = path
 
     def attach(self, engine) -> None:
         self.engine = engine
         engine.after_checkpoint.append(self._after_checkpoint)
+
+    def keep_standby(self) -> asyncio.Task | None:
+        """Start loading (and keep loaded) the hot/warm standby in the background; None in cold mode."""
+        if self.mode not in ("hot", "warm") or self._keeper_task is not None:
+            return self._keeper_task
+        self._keeper_task = asyncio.get_running_loop().create_task(self.keeper.run(self.engine),
+                                                                   name="standby-keeper")
+        return self._keeper_task
+
+    async def stop_standby(self) -> None:
+        """Stop the keeper (before the engine closes, so it installs nothing into a closed engine)."""
+        task, self._keeper_task = self._keeper_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def standby_gap(self) -> str | None:
+        """Why no standby could take over now (hot/warm, one configured), for /readyz; else None."""
+        engine = self.engine
+        if self.mode == "cold" or engine is None:
+            return None
+        sb = engine.standby
+        if sb is not None and not getattr(sb.worker, "dead", False):
+            return None
+        pending = self.keeper.pending(engine)
+        if pending is None:
+            return None
+        if pending["error"] is None:
+            return f"standby loading ({pending['bundle']})"
+        when = (f"next retry in {pending['next_retry_in_s']:.0f}s" if pending["next_retry_in_s"] is not None
+                else "retrying now")
+        return f"standby unavailable, no failover possible: {pending['error']} ({when})"
 
     # ---- signals ---------------------------------------------------------------------------
     def observe(self, engine, summary: dict) -> None:
@@ -104,7 +158,9 @@ class FailoverController:
                 log.error("cold standby failed to load", extra={"error": str(err)})
                 standby = None
         if standby is None or getattr(standby.worker, "dead", False):
-            self.pause(engine, f"no healthy standby to take over from {engine.active.ref} ({reason}: {detail})")
+            gap = self.standby_gap()
+            self.pause(engine, f"no healthy standby to take over from {engine.active.ref} ({reason}: {detail})"
+                       + (f"; {gap}" if gap else ""))
             return True
         if engine.paused:
             self.resume(engine)
@@ -115,8 +171,8 @@ class FailoverController:
         standby.worker.label = "active"
         engine.active = standby
         engine.standby = None
-        if self.mode == "cold" and self.standby_path == standby.bundle_path:
-            self.standby_path = None  # that release is active now; a cold standby must be promoted again
+        if self.standby_path == standby.bundle_path:
+            self.standby_path = None  # that release is active now; a new standby must be promoted (or fail back)
         engine.agreement = [0, 0]
         self.policy.record()
         self.monitor.reset()
@@ -141,54 +197,81 @@ class FailoverController:
     async def apply_change(self, engine, change: dict) -> None:
         """Make the loaded releases match the desired ones (promote, rollback, another instance's
         failover). Runs at a checkpoint boundary, under the engine lock."""
+        self._deferred = None  # a newer change carries the whole desired state: it supersedes a deferred one
         want_active, want_standby = change.get("active"), change.get("standby")
+        # A change carries the whole desired state: the kind of the event that last set the active
+        # channel decides whether the policy applies (its "channel" when the watcher says, else
+        # the first change that named this active).
+        if change.get("channel") == "active" or want_active != self._active_wanted:
+            self._active_wanted, self._active_kind = want_active, change.get("kind")
         try:
             if want_active and want_active != engine.active.digest:
-                if engine.standby is not None and engine.standby.digest == want_active:
-                    new, engine.standby = engine.standby, None
+                if self._active_kind == "failover" and (blocked := self.policy.check()) is not None:
+                    self._defer(engine, change, blocked)
                 else:
-                    new = await self.loader(self.bundle_path(want_active), "active")
-                old = engine.active
-                new.channel = "active"
-                new.worker.label = "active"
-                engine.active = new
-                engine.agreement = [0, 0]
-                self.monitor.reset()
-                if old.digest == want_standby and self.mode in ("hot", "warm") and engine.standby is None:
-                    old.channel = "standby"
-                    old.worker.label = "standby"
-                    engine.standby = old
-                else:
-                    await old.worker.close(timeout=2.0)
-                engine.mark_activated(new)
-                self.events.append({"kind": change.get("kind") or "release", "from": old.describe(),
-                                    "to": new.describe(), "time": time.time(), "instance": engine.instance_id})
-                since = engine.release_since.get(old.digest)
-                if change.get("rescore") and since:
-                    n = await engine.rescore(since, f"rollback-of:{old.ref}:{old.digest[:12]}")
-                    self.events[-1]["corrections"] = n
-                    await engine.checkpoint()
-                log.warning("release switched", extra={"from": old.ref, "to": new.ref, "kind": change.get("kind")})
-                if engine.paused:
-                    self.resume(engine)
+                    await self._switch_active(engine, change, want_active, want_standby)
             current_standby = engine.standby.digest if engine.standby is not None else None
-            if want_standby and want_standby not in (current_standby, engine.active.digest):
+            if want_standby and want_standby == current_standby:
+                self.standby_path = engine.standby.bundle_path  # re-promoted: stop loading anything else
+            elif want_standby and want_standby != engine.active.digest:
                 path = self.bundle_path(want_standby)
-                self.standby_path = path
+                self.standby_path = path  # hot/warm: the keeper loads it in the background
                 if self.mode == "cold" and engine.paused and self.pause_kind == "no_standby":
                     await self.failover(engine, "standby_available", f"{want_standby[:12]} promoted to standby")
-                elif self.mode in ("hot", "warm"):
-                    fresh = await self.loader(path, "standby")
-                    if engine.standby is not None:
-                        await engine.standby.worker.close(timeout=2.0)
-                    engine.standby = fresh
-                    log.info("standby loaded", extra={"release": fresh.ref})
-                    if engine.paused and self.pause_kind == "no_standby":
-                        await self.failover(engine, "standby_available", f"{fresh.ref} promoted to standby")
         except Exception as exc:  # noqa: BLE001 - a bad promotion must not take the daemon down
             log.error("could not apply the release change; keeping the current releases",
                       extra={"change": {k: v for k, v in change.items() if k != "rescore"}, "error": str(exc)})
         engine._publish_release_info()
+
+    async def _switch_active(self, engine, change: dict, want_active: str, want_standby: str | None) -> None:
+        sb = engine.standby
+        if sb is not None and sb.digest == want_active and not getattr(sb.worker, "dead", False):
+            new, engine.standby = sb, None
+            if self.standby_path == new.bundle_path:
+                self.standby_path = None  # the standby is active now
+        else:
+            new = await self.loader(self.bundle_path(want_active), "active")
+        old = engine.active
+        new.channel = "active"
+        new.worker.label = "active"
+        engine.active = new
+        engine.agreement = [0, 0]
+        self.monitor.reset()
+        if self._active_kind == "failover":
+            self.policy.record()  # following another instance's failover counts toward the cap here too
+        if old.digest == want_standby and self.mode in ("hot", "warm") and engine.standby is None:
+            old.channel = "standby"
+            old.worker.label = "standby"
+            engine.standby = old
+            self.standby_path = old.bundle_path
+        else:
+            await old.worker.close(timeout=2.0)
+        engine.mark_activated(new)
+        self.events.append({"kind": change.get("kind") or "release", "from": old.describe(),
+                            "to": new.describe(), "time": time.time(), "instance": engine.instance_id})
+        since = engine.release_since.get(old.digest)
+        if change.get("rescore") and since:
+            n = await engine.rescore(since, f"rollback-of:{old.ref}:{old.digest[:12]}")
+            self.events[-1]["corrections"] = n
+            await engine.checkpoint()
+        log.warning("release switched", extra={"from": old.ref, "to": new.ref, "kind": change.get("kind")})
+        if engine.paused:
+            self.resume(engine)
+
+    def _defer(self, engine, change: dict, why: str) -> None:
+        """Hold back a switch that follows another instance's failover until the policy allows it."""
+        wait = self.policy.wait_s()
+        self._deferred = change
+        log.warning("release switch deferred by the anti-flapping policy", extra={
+            "to": change.get("ref"), "kind": change.get("kind"), "why": why, "retry_in_s": round(wait, 1)})
+        self.events.append({"kind": "deferred", "to": change.get("ref"), "reason": why, "retry_in_s": round(wait, 1),
+                            "time": time.time(), "instance": engine.instance_id})
+        self._spawn(self._requeue(engine, change, wait))
+
+    async def _requeue(self, engine, change: dict, wait: float) -> None:
+        await asyncio.sleep(wait + 0.01)
+        if self._deferred is change and engine.pending_change is None:
+            engine.pending_change = change  # applied (and checked again) at the next checkpoint boundary
 
     def bundle_path(self, digest: str) -> Path:
         from daemon.registry import Registry
@@ -231,27 +314,24 @@ class FailoverController:
             engine.consumer.resume(*engine.consumer.assignment())
 
     async def _failback_later(self, engine, bundle_path: Path) -> None:
-        """Reload a failed release as standby only after a delay and a passing health check."""
+        """After a delay, make the failed release the standby target again (unless another standby
+        came meanwhile). Hot/warm: the keeper loads it, checks its health and installs it; cold:
+        it is loaded at the next failover."""
         await asyncio.sleep(self.failback_delay)
-        try:
-            candidate = await self.loader(bundle_path, "standby")
-        except Exception as err:  # noqa: BLE001
-            log.warning("fail-back candidate failed to load", extra={"error": str(err)})
-            return
-        if not await candidate.worker.health():
-            log.warning("fail-back candidate failed its health check", extra={"release": candidate.ref})
-            await candidate.worker.close()
-            return
         async with engine.lock:
-            if engine.standby is None:
-                engine.standby = candidate
-                engine._publish_release_info()
-                log.info("failed release is standby again", extra={"release": candidate.ref})
-                if engine.paused and self.pause_kind == "no_standby":
-                    # paused for want of a standby: one is here now, so take over (policy permitting)
-                    await self.failover(engine, "standby_available", f"{candidate.ref} passed its health check")
-            else:
-                await candidate.worker.close()
+            if engine.standby is not None or self.standby_path is not None or engine.stopping.is_set():
+                return
+            self.standby_path = bundle_path
+            log.info("fail-back: the failed release is the standby again once it loads and passes its health check",
+                     extra={"bundle": str(bundle_path)})
+            if self.mode == "cold" and engine.paused and self.pause_kind == "no_standby":
+                await self.failover(engine, "standby_available", f"fail-back of {bundle_path.name}")
+
+    async def _standby_installed(self, engine, release) -> None:
+        """The keeper installed a standby (under the engine lock): end a pause for want of one."""
+        if engine.paused and self.pause_kind == "no_standby":
+            # paused for want of a standby: one is here now, so take over (policy permitting)
+            await self.failover(engine, "standby_available", f"{release.ref} loaded and passed its health check")
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

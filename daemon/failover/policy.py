@@ -1,5 +1,9 @@
 """Anti-flapping policy: a cool-down after each failover and a cap per time window
-(the restart-intensity idea of mode's supervisors)."""
+(the restart-intensity idea of mode's supervisors).
+
+It governs this instance's failovers and the switches of the active release that follow another
+instance's failover on the control topic (the controller defers those by :meth:`FailoverPolicy.wait_s`);
+an operator's promote or rollback is not subject to it."""
 
 from __future__ import annotations
 
@@ -43,3 +47,16 @@ class FailoverPolicy:
 
     def record(self) -> None:
         self.history.append(self.clock())
+
+    def wait_s(self) -> float:
+        """Seconds until :meth:`check` allows a failover again: the cool-down, or the time until
+        the oldest failover that fills the cap leaves the window (0 when it allows one now)."""
+        now = self.clock()
+        self._trim(now)
+        wait = 0.0
+        if self.history:
+            wait = self.cooldown_s - (now - self.history[-1])
+        if len(self.history) >= self.max_failovers:
+            oldest_to_leave = self.history[len(self.history) - self.max_failovers]
+            wait = max(wait, self.window_s - (now - oldest_to_leave))
+        return max(0.0, wait)
