@@ -4,7 +4,12 @@ A model is a class constructed with a :class:`ModelContext`; its ``predict(batch
 list of :class:`Record` and returns one result per record, in order: a :class:`Prediction`,
 a plain ``(output, new_state)`` tuple, or a :class:`RecordError` for a record the model
 refuses (it is dead-lettered with the error's message; the rest of the batch goes on).
-Raising from ``predict`` fails the whole batch and counts against the release.
+When ``predict`` raises (or returns the wrong number of results), the engine splits the batch
+and retries the halves to find the records that fail on their own: each is dead-lettered with
+reason ``model_exception`` and the others go on. Only a batch in which more records fail than
+``[failover] isolate_max_records`` / ``isolate_max_fraction`` allow fails as a whole and counts
+against the release (daemon/engine/batch.py). So ``predict`` may be called more than once for a
+record; a retry gets fresh ``Record`` objects, so what a call that raised did to them is dropped.
 
 Optional hooks: ``warm_up()``, ``health_check() -> bool``, ``close()``.
 """

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.engine.batch import BatchProcessor
+from daemon.engine.batch import BatchProcessor, IsolationLimits
 
 
-def load_processor(bundle_path: Path, unpack_dir: Path | None) -> tuple[BatchProcessor, dict]:
+def load_processor(bundle_path: Path, unpack_dir: Path | None,
+                   isolation: IsolationLimits | None = None) -> tuple[BatchProcessor, dict]:
     from daemon.bundle import open_bundle
 
     bundle = open_bundle(Path(bundle_path), unpack_dir=Path(unpack_dir) if unpack_dir else None)
@@ -22,4 +23,4 @@ def load_processor(bundle_path: Path, unpack_dir: Path | None) -> tuple[BatchPro
         "digest": bundle.digest,
         "state_schema_version": int(bundle.state_schema_version),
     }
-    return BatchProcessor(model, bundle.input_schema, bundle.output_schema), info
+    return BatchProcessor(model, bundle.input_schema, bundle.output_schema, isolation), info

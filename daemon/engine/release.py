@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from daemon.engine.batch import IsolationLimits
 from daemon.engine.headers import release_headers
 from daemon.engine.worker import make_worker
 
@@ -48,8 +49,11 @@ class LoadedRelease:
 
 
 async def load_release(bundle_path: Path, *, channel: str, mode: str, unpack_dir: Path | None,
-                       predict_timeout: float, start_timeout: float) -> LoadedRelease:
+                       predict_timeout: float, start_timeout: float, isolate_max_records: int = 10,
+                       isolate_max_fraction: float = 0.1) -> LoadedRelease:
+    """``isolate_max_*``: the ``[failover]`` limits on poison records per batch (daemon.engine.batch)."""
     worker = make_worker(mode, bundle_path, unpack_dir, predict_timeout=predict_timeout,
-                         start_timeout=start_timeout, label=channel)
+                         start_timeout=start_timeout, label=channel,
+                         isolation=IsolationLimits(isolate_max_records, isolate_max_fraction))
     info = await worker.start()
     return LoadedRelease(worker=worker, info=info, bundle_path=Path(bundle_path), channel=channel)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from daemon.engine import framing
+from daemon.engine.batch import IsolationLimits
 from daemon.errors import BundleError, ReleaseFailure, WorkerCrashed, WorkerTimeout
 
 log = logging.getLogger("failoverd.worker")
@@ -41,8 +42,10 @@ class _Worker:
     """What both kinds of worker know: the bundle, the timeouts, their channel label."""
 
     def __init__(self, bundle_path: Path, unpack_dir: Path | None, *, predict_timeout: float,
-                 start_timeout: float, label: str = "model") -> None:
+                 start_timeout: float, label: str = "model", isolation: IsolationLimits | None = None) -> None:
         self.bundle_path = Path(bundle_path)
+        self.isolation = isolation or IsolationLimits()
+        """How many poison records a batch may dead-letter (daemon.engine.batch), set where the model runs."""
         self.unpack_dir = unpack_dir
         self.predict_timeout = predict_timeout
         self.start_timeout = start_timeout
@@ -68,6 +71,7 @@ class SubprocessWorker(_Worker):
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "daemon.engine.worker_main", str(self.bundle_path), str(self.unpack_dir or ""),
+            str(self.isolation.max_records), repr(self.isolation.max_fraction),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
             limit=1 << 24)
         _widen_pipes(self._proc)
@@ -178,7 +182,7 @@ class InProcessWorker(_Worker):
         loop = asyncio.get_running_loop()
         try:
             self._processor, self.info = await asyncio.wait_for(
-                loop.run_in_executor(self._pool, load_processor, self.bundle_path, self.unpack_dir),
+                loop.run_in_executor(self._pool, load_processor, self.bundle_path, self.unpack_dir, self.isolation),
                 self.start_timeout)
         except asyncio.TimeoutError:
             raise BundleError(f"{self.label}: bundle {self.bundle_path} did not load within {self.start_timeout:.0f}s")
@@ -239,9 +243,10 @@ class InProcessWorker(_Worker):
 
 
 def make_worker(mode: str, bundle_path: Path, unpack_dir: Path | None, *, predict_timeout: float,
-                start_timeout: float, label: str):
+                start_timeout: float, label: str, isolation: IsolationLimits | None = None):
     cls = SubprocessWorker if mode == "subprocess" else InProcessWorker
-    return cls(bundle_path, unpack_dir, predict_timeout=predict_timeout, start_timeout=start_timeout, label=label)
+    return cls(bundle_path, unpack_dir, predict_timeout=predict_timeout, start_timeout=start_timeout, label=label,
+               isolation=isolation)
 
 
 def _widen_pipes(proc) -> None:

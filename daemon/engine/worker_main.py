@@ -1,4 +1,5 @@
-"""Entry point of a model worker subprocess: ``python -m daemon.engine.worker_main BUNDLE UNPACK_DIR``.
+"""Entry point of a model worker subprocess:
+``python -m daemon.engine.worker_main BUNDLE UNPACK_DIR [ISOLATE_MAX_RECORDS ISOLATE_MAX_FRACTION]``.
 
 Reads request frames on stdin and writes reply frames on the original stdout; the model's own
 prints go to stderr so they can never corrupt the protocol.
@@ -24,9 +25,11 @@ def main(argv: list[str]) -> int:
         proto_out.write(framing.encode(message))
 
     try:
+        from daemon.engine.batch import IsolationLimits
         from daemon.engine.loading import load_processor
 
-        processor, info = load_processor(argv[0], argv[1] if len(argv) > 1 and argv[1] else None)
+        isolation = IsolationLimits(int(argv[2]), float(argv[3])) if len(argv) > 3 else None
+        processor, info = load_processor(argv[0], argv[1] if len(argv) > 1 and argv[1] else None, isolation)
     except BaseException as exc:  # noqa: BLE001 - report any load failure to the parent
         send(("error", "load", f"{type(exc).__name__}: {exc}"))
         return 3

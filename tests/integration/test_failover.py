@@ -93,7 +93,7 @@ async def run_fault(kafka_bootstrap, tmp_path, bundles, *, fault: str, count: in
 @pytest.mark.parametrize("fault,reason,count,extra", [
     ("crash", "worker_crashed", 1, None),
     ("hang", "predict_timeout", 1, None),
-    ("raise", "exception_rate", 1, None),
+    ("raise_all", "exception_rate", 1, None),  # a plain "raise" record is a poison record: test_poison.py
     ("slow", "latency_slo", 1, {"latency_p99_slo_ms": 300}),  # one record sleeps 0.5 s
     ("bad_output", "output_invalid", 400, None),
 ])

@@ -96,15 +96,25 @@ RECORD = {"card_id": "c1", "merchant_id": "m-fuel", "amount": 12.0, "features": 
 
 def test_v1_ignores_the_fault_field(bundles):
     model = bundles["fraud-v1"].instantiate()
-    for fault in ("crash", "hang", "raise", "bad_output", "slow"):
+    for fault in ("crash", "hang", "raise", "raise_all", "bad_output", "slow"):
         r = normalize(model.predict([Record("c1", {**RECORD, "fault": fault})])[0])
         assert _v(bundles["fraud-v1"].output_schema).is_valid(r.output)
 
 
-def test_v2_fault_raise_fails_the_batch(bundles):
+def test_v2_fault_raise_fails_every_batch_holding_the_record(bundles):
     model = bundles["fraud-v2"].instantiate()
     with pytest.raises(RuntimeError, match="injected fault 'raise'"):
         model.predict([Record("c0", RECORD), Record("c1", {**RECORD, "fault": "raise"})])
+    assert normalize(model.predict([Record("c0", RECORD)])[0]).output["card_id"] == "c1"  # the rest works
+
+
+def test_v2_fault_raise_all_breaks_the_model_from_then_on(bundles):
+    model = bundles["fraud-v2"].instantiate()
+    assert _v(bundles["fraud-v2"].input_schema).is_valid({**RECORD, "fault": "raise_all"})
+    with pytest.raises(RuntimeError, match="injected fault 'raise_all'"):
+        model.predict([Record("c1", {**RECORD, "fault": "raise_all"})])
+    with pytest.raises(RuntimeError, match="injected fault 'raise_all'"):
+        model.predict([Record("c0", RECORD)])  # any batch, without the record
 
 
 def test_v2_fault_bad_output_violates_the_output_schema(bundles):

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from daemon.engine.batch import DLQ, NO_STATE, OK, BatchProcessor
+from daemon.engine.batch import DLQ, NO_STATE, OK, BatchProcessor, IsolationLimitExceeded, IsolationLimits
 from daemon.engine.checkpoint import CheckpointPolicy
 from daemon.engine.sink import Partitioner
 from daemon.engine.state import StateStore, changelog_key, split_changelog_key
@@ -17,6 +17,7 @@ from daemon.model import Prediction, RecordError
 
 SCHEMA_IN = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}
 SCHEMA_OUT = {"type": "object", "required": ["total"], "properties": {"total": {"type": "integer", "minimum": 0}}}
+NO_ISOLATION = IsolationLimits(max_records=0)  # a failure fails the whole batch (no splitting)
 
 
 class Summer:
@@ -59,12 +60,17 @@ def test_each_kind_of_bad_record_is_a_dead_letter_and_the_rest_goes_on():
 
 
 def test_whole_batch_exception_propagates():
+    """With isolation off, the model's own exception fails the batch; with it on (the default), a model
+    that fails on every record of a batch still fails it (tests/unit/test_batch_isolation.py)."""
     class Boom:
         def predict(self, batch):
             raise RuntimeError("down")
 
-    with pytest.raises(RuntimeError):
-        BatchProcessor(Boom(), SCHEMA_IN, SCHEMA_OUT).process([(b"k", b'{"n": 1}', 0)], [None])
+    with pytest.raises(RuntimeError, match="down"):
+        BatchProcessor(Boom(), SCHEMA_IN, SCHEMA_OUT, NO_ISOLATION).process([(b"k", b'{"n": 1}', 0)], [None])
+    with pytest.raises(IsolationLimitExceeded, match="RuntimeError: down"):
+        BatchProcessor(Boom(), SCHEMA_IN, SCHEMA_OUT).process([(b"k", b'{"n": 1}', 0), (b"j", b'{"n": 1}', 1)],
+                                                              [None, None])
 
 
 def test_state_store_commits_only_after_commit_and_keeps_position(tmp_path):
@@ -188,7 +194,7 @@ def test_state_set_to_none_and_only_touched_keys_are_returned():
     assert results == [(OK, b'{"total":0}')] * 2 and states == {1: None}
 
 
-def test_wrong_result_count_and_bad_result_type_raise():
+def test_wrong_result_count_and_bad_result_type_raise_without_isolation():
     class Short:
         def predict(self, batch):
             return []
@@ -199,9 +205,9 @@ def test_wrong_result_count_and_bad_result_type_raise():
 
     for items in ([(b"a", b'{"n": 1}', 0)], [(b"a", b'{"n": 1}', 0), (b"a", b'{"n": 2}', 0)]):
         with pytest.raises(RuntimeError, match="predict returned 0 results for 1 records"):
-            BatchProcessor(Short(), SCHEMA_IN, SCHEMA_OUT).process(items, [None])
+            BatchProcessor(Short(), SCHEMA_IN, SCHEMA_OUT, NO_ISOLATION).process(items, [None])
         with pytest.raises(TypeError, match="predict returned dict"):
-            BatchProcessor(Bad(), SCHEMA_IN, SCHEMA_OUT).process(items, [None])
+            BatchProcessor(Bad(), SCHEMA_IN, SCHEMA_OUT, NO_ISOLATION).process(items, [None])
 
 
 def test_batch_with_no_valid_record_does_not_call_the_model():
@@ -230,7 +236,7 @@ def test_carrying_after_a_failed_batch_is_refused():
                 raise RuntimeError("boom")
             return super().predict(batch)
 
-    bp = BatchProcessor(FailsOnce(), SCHEMA_IN, SCHEMA_OUT)
+    bp = BatchProcessor(FailsOnce(), SCHEMA_IN, SCHEMA_OUT, NO_ISOLATION)
     with pytest.raises(RuntimeError, match="boom"):
         bp.process([(b"a", b'{"n": 1}', 0)], [None])
     with pytest.raises(RuntimeError, match="did not finish"):

@@ -5,7 +5,10 @@ State per card (state_schema_version 2): {"count": n, "mean_amount": m, "m2": M2
 Failover drills: a record whose value has "fault" makes the model fail for real:
   "crash"      the worker process is killed (SIGKILL)
   "hang"       predict sleeps for an hour (detected by the predict timeout)
-  "raise"      predict raises RuntimeError (the whole batch fails)
+  "raise"      predict raises RuntimeError for any batch holding this record: a poison record,
+               isolated by splitting the batch and dead-lettered (reason model_exception)
+  "raise_all"  from this record on, predict raises RuntimeError for every batch (a broken
+               release: the batches fail as a whole and the exception rate fails it over)
   "bad_output" the output violates the output schema
   "slow"       predict sleeps 0.5 s for that record, then answers normally
 Never run "crash" or "hang" in-process: they take the caller down with them.
@@ -49,12 +52,18 @@ class FraudScorer:
         self.z_clip = float(w["z_clip"])
         with open(context.data["merchant_risk"], newline="", encoding="utf-8") as fh:
             self.merchant_risk = {row["merchant_id"]: float(row["risk"]) for row in csv.DictReader(fh)}
+        self.broken_by = None  # the card of the "raise_all" record that broke this instance, if any
 
     def predict(self, batch):
+        if self.broken_by is not None:
+            raise RuntimeError(f"injected fault 'raise_all' (since card {self.broken_by!r})")
         results = []
         for record in batch:
             value = record.value
             fault = value.get("fault")
+            if fault == "raise_all":
+                self.broken_by = value.get("card_id")
+                raise RuntimeError(f"injected fault 'raise_all' on card {self.broken_by!r}")
             if fault == "crash":
                 os.kill(os.getpid(), signal.SIGKILL)
             elif fault == "hang":
