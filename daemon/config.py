@@ -452,6 +452,10 @@ class FailoverSettings(_Section):
     output_invalid_rate_threshold: float = _key(0.5, gt=0, max=1)
     failback: bool = _key(False)
     failback_delay_ms: int = _key(60000, min=0)
+    # Poison records: a batch dead-letters at most this many records that fail on their own
+    # (model_exception) before it fails as a whole and counts against the release (0: no isolation).
+    isolate_max_records: int = _key(10, min=0)
+    isolate_max_fraction: float = _key(0.1, gt=0, max=1)
 
     def _cross_problems(self) -> list[Problem]:
         if self.min_samples > self.error_window:
@@ -666,6 +670,7 @@ def parse(data: Mapping[str, Any], *, env: Mapping[str, str] = os.environ, sourc
         table = tables.get(name, {})
         kwargs: dict[str, Any] = {}
         complete = True
+        first_problem = len(problems)
         for f in dataclasses.fields(cls):
             field_path = f"{name}.{f.name}"
             base, optional = _kind(hints[f.name])
@@ -699,19 +704,51 @@ def parse(data: Mapping[str, Any], *, env: Mapping[str, str] = os.environ, sourc
             complete = complete and not field_problems
             kwargs[f.name] = value
         if not complete:
-            continue  # cross-field checks only once every field is valid
+            # Every problem at once: the cross-field checks still run on the keys that are valid.
+            bad = {p.field.split("[")[0] for p, _ in problems[first_problem:]}
+            for p in _partial_cross_problems(cls, kwargs, bad):
+                report(p, origins.get(p.field.split("[")[0], ""))
+            continue
         try:
             built[name] = cls(**kwargs)
         except ConfigError as exc:
             for p in exc.problems:  # type: ignore[attr-defined]
                 report(p, origins.get(p.field.split("[")[0], ""))
     if problems:
+        if all(path.split(".")[0] in built for path, _ in _TOPIC_FIELDS):  # topic roles are checkable too
+            for p in _topic_role_problems(types.SimpleNamespace(**built)):  # type: ignore[arg-type]
+                report(p, origins.get(p.field.split("[")[0], ""))
         raise ConfigError("\n".join(f"{where}: {p.render(origin)}" for p, origin in problems))
     try:
         return Settings(source=source, env_overrides=tuple(var for var, _ in overrides.values()), **built)
     except ConfigError as exc:
         raise ConfigError("\n".join(f"{where}: {p.render(origins.get(p.field.split('[')[0], ''))}"
                                     for p in exc.problems)) from None  # type: ignore[attr-defined]
+
+
+def _partial_cross_problems(cls: type[_Section], kwargs: dict[str, Any], bad: set[str]) -> list[Problem]:
+    """The cross-field problems of a section some of whose keys are invalid (``bad``: their paths).
+
+    Invalid keys take their defaults; a problem on an invalid key, or whose message names one (the
+    check then compared against a value the user did not write), is left out.
+    """
+    section = object.__new__(cls)  # no __post_init__: the field checks already reported
+    for f in dataclasses.fields(cls):
+        path = f"{cls.SECTION}.{f.name}"
+        if f.name in kwargs and path not in bad:
+            value = kwargs[f.name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = None
+        object.__setattr__(section, f.name, value)
+    try:
+        found = section._cross_problems()
+    except Exception:  # a check that cannot run on a partial section says nothing
+        return []
+    return [p for p in found if p.field.split("[")[0] not in bad and not any(b in p.render() for b in bad)]
 
 
 def _unknown_help(word: str, options: typing.Iterable[str], what: str, pre: str = "", post: str = "") -> str:

@@ -22,6 +22,12 @@ BATCH_SECONDS = Histogram("failoverd_batch_seconds", "Time to process one fetche
                           buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 PREDICT_SECONDS = Histogram("failoverd_predict_seconds", "Model predict call latency per batch",
                             ["channel"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+DEAD_LETTERS_TRUNCATED = Counter(
+    "failoverd_dead_letters_truncated", "Dead letters whose value (or headers, or key) was cut to fit the "
+    "dead-letter topic (original size in the fd.dlq.original_size header)", registry=REGISTRY)
+WRITES_REFUSED = Counter(
+    "failoverd_writes_refused", "Record batches the broker refused (the checkpoint aborts and replays)",
+    registry=REGISTRY)
 CONSUMER_LAG = Gauge("failoverd_consumer_lag", "Records between the committed position and the log end",
                      ["topic", "partition"], registry=REGISTRY)
 
@@ -59,12 +65,30 @@ MODEL_ERRORS = Counter("failoverd_model_errors", "Model failures by kind", ["cha
                        registry=REGISTRY)
 READY = Gauge("failoverd_ready", "1 when partitions are assigned, state restored and a release loaded",
               registry=REGISTRY)
+STANDBY_LOAD_FAILURES = Counter("failoverd_standby_load_failures",
+                                "Failed attempts to load the hot/warm standby (retried with backoff; "
+                                "daemon/failover/standby.py)", registry=REGISTRY)
+
+# ---- control topic (daemon/coordination.py, daemon/control.py) ----------------------------
+CONTROL_FOLLOWING = Gauge("failoverd_control_following",
+                          "1 while this instance follows the control topic (release changes reach it)",
+                          registry=REGISTRY)
+CONTROL_EVENTS_SKIPPED = Counter("failoverd_control_events_skipped",
+                                 "Control-topic records skipped because failoverd cannot act on them", ["reason"],
+                                 registry=REGISTRY)
+CONTROL_PUBLISH_FAILURES = Counter("failoverd_control_publish_failures",
+                                   "Failed attempts to record a failover in the release log and control topic",
+                                   registry=REGISTRY)
+FAILOVERS_UNRECORDED = Gauge("failoverd_failovers_unrecorded",
+                             "Failovers of this instance not yet in the release log and on the control topic "
+                             "(retried with backoff)", registry=REGISTRY)
+CONTROL_SKIP_REASONS = ("not_json", "not_object", "missing_fields", "bad_field", "unknown_type")
 
 
 FAILOVER_REASONS = ("worker_crashed", "predict_timeout", "exception_rate", "latency_slo", "output_invalid",
-                    "manual", "standby_available")
+                    "state_oversized", "manual", "standby_available")
 MODEL_ERROR_REASONS = ("worker_crashed", "predict_timeout", "exception", "exception_rate", "latency_slo",
-                       "output_invalid", "manual")
+                       "output_invalid", "state_oversized", "manual")
 
 
 def init_labels() -> None:
@@ -73,6 +97,8 @@ def init_labels() -> None:
         FAILOVERS.labels(reason)
     for reason in ("fenced", "error"):
         CHECKPOINT_ABORTS.labels(reason)
+    for reason in CONTROL_SKIP_REASONS:
+        CONTROL_EVENTS_SKIPPED.labels(reason)
     for channel in ("active", "standby"):
         for reason in MODEL_ERROR_REASONS:
             MODEL_ERRORS.labels(channel, reason)

@@ -18,11 +18,14 @@ from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import (ConsumerStoppedError, KafkaError, MessageSizeTooLargeError, ProducerFenced,
+                            RecordListTooLargeError)
 
 from daemon import metrics as m
 from daemon.engine import headers as H
 from daemon.engine.batch import NO_STATE, OK
+from daemon.engine import limits
+from daemon.engine import records as tolerant
 from daemon.engine.checkpoint import CheckpointPolicy, record_key, record_value
 from daemon.engine.partition import Partition, store_path, transactional_id
 from daemon.engine.release import LoadedRelease
@@ -53,6 +56,11 @@ class _Listener(ConsumerRebalanceListener):
         try:
             await self.engine._on_assigned(set(assigned))
         except Exception as exc:  # noqa: BLE001 - aiokafka would only log it and go on with nothing
+            if self.engine.stopping.is_set() or isinstance(exc, ConsumerStoppedError):
+                # a requested stop closed the consumer while the group handed us partitions: the
+                # next owner takes them from the last checkpoint; nothing of ours was committed
+                log.info("stopped while taking assigned partitions", extra={"error": repr(exc)})
+                return
             log.critical("could not take the assigned partitions; stopping so the supervisor restarts us",
                          extra={"error": repr(exc)})
             self.engine.fatal = exc
@@ -101,6 +109,8 @@ class Engine:
         self.failed_at = 0.0
         self.consumer: AIOKafkaConsumer | None = None
         self.restorer: AIOKafkaConsumer | None = None
+        self._hw_reader: AIOKafkaConsumer | None = None
+        """Offsets only: the changelog's high watermark (read_uncommitted), the restore's target."""
         self.shared_producer: AIOKafkaProducer | None = None
         self._alo_futures: list = []
         self._restore_lock = asyncio.Lock()
@@ -118,6 +128,11 @@ class Engine:
         self._changelog = settings.state.changelog_topic
         self._ckpt_topic = settings.checkpoint.topic
         self._state_dir = Path(settings.state.directory)
+        self._limits = limits.Limits({})
+        self._markers_found = 0
+        """Undecodable-record markers (daemon/engine/records.py) the batches have met so far."""
+        self._consuming = True
+        """Whether the consumer's partitions are resumed (the engine's own view; see :meth:`_sync_pause`)."""
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,26 +140,33 @@ class Engine:
         try:
             await self._start()
         except BaseException:
-            for client in (self.consumer, self.restorer, self.shared_producer):
+            for client in (self.consumer, self.restorer, self._hw_reader, self.shared_producer):
                 if client is not None:
                     try:
                         await asyncio.wait_for(client.stop(), 5)
                     except Exception:  # noqa: BLE001
                         pass
-            self.consumer = self.restorer = self.shared_producer = None
+            self.consumer = self.restorer = self._hw_reader = self.shared_producer = None
             raise
 
     async def _start(self) -> None:
         k = self.s.kafka
         m.init_labels()
+        tolerant.install()  # a record the client cannot parse becomes a dead letter, not a crash loop
+        self._limits = await limits.read(self._common, [self._out_topic, self._dlq_topic, self._changelog,
+                                                        self._ckpt_topic])
+        batch_bytes = self._limits.batch_bytes
         # Restore reads to the end of the changelog, whose tail is a transaction marker (no record
         # to return): a short fetch wait keeps that last empty fetch from costing 0.5-1 s.
         self.restorer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, isolation_level="read_committed",
                                          auto_offset_reset="earliest", fetch_max_wait_ms=10, **self._common)
         await self.restorer.start()
+        self._hw_reader = AIOKafkaConsumer(group_id=None, enable_auto_commit=False,
+                                           isolation_level="read_uncommitted", **self._common)
+        await self._hw_reader.start()
         if not self.eos:
             self.shared_producer = AIOKafkaProducer(enable_idempotence=True, acks="all", linger_ms=10,
-                                                    max_batch_size=512 * 1024, **self._common)
+                                                    max_batch_size=batch_bytes, **self._common)
             await self.shared_producer.start()
         self.consumer = AIOKafkaConsumer(
             group_id=self.group, group_instance_id=k.group_instance_id, enable_auto_commit=False,
@@ -200,6 +222,7 @@ class Engine:
         """Process until :meth:`stop`; then checkpoint (or abort) and close everything."""
         try:
             while not self.stopping.is_set():
+                self._sync_pause()
                 if self.paused or not self.partitions:
                     wait = 0.2
                 elif self._inflight or self._unwritten:
@@ -216,7 +239,9 @@ class Engine:
                         await self._discard_inflight()
                         await self._release_failed(exc)
                         continue
-                    if data and not self.paused:
+                    if data and self.paused:
+                        self._unfetch(data)  # fetched before the pause took hold: read again on resume
+                    elif data:
                         await self._handle(data)
                     elif self._inflight:
                         await self._drain()
@@ -236,12 +261,47 @@ class Engine:
                     self._watch_standby()
                     self._watch_active()
                     m.READY.set(1 if self.ready()[0] else 0)
+            clean = True
+        except BaseException as exc:
+            clean = False
+            if not isinstance(exc, asyncio.CancelledError):
+                log.critical("the loop stopped on an unexpected error; nothing since the last checkpoint "
+                             "commits", extra={"error": repr(exc)})
+                self.fatal = self.fatal or exc
+            raise
         finally:
-            await self.close()
+            await self.close(commit=clean)
 
-    async def close(self, deadline: float = 20.0) -> None:
+    def _sync_pause(self) -> None:
+        """The consumer follows :attr:`paused`. While paused, every assigned partition is paused at
+        each turn (a rebalance hands partitions over unpaused); on resume every partition is read
+        again from the last record handed to the model, so a record fetched and not processed,
+        whatever the reason, is never skipped."""
+        consumer = self.consumer
+        if self.paused:
+            assigned = consumer.assignment()
+            if assigned:
+                consumer.pause(*assigned)
+            self._consuming = False
+        elif not self._consuming:
+            for tp, p in self.partitions.items():
+                consumer.seek(tp, p.fetched)
+            consumer.resume(*consumer.assignment())
+            self._consuming = True
+
+    def _unfetch(self, data: dict) -> None:
+        """Put fetched records back: the next fetch of their partitions starts at the first of them
+        that was not handed to the model."""
+        for tp in data:
+            p = self.partitions.get(tp)
+            if p is not None:
+                self.consumer.seek(tp, p.fetched)
+
+    async def close(self, deadline: float = 20.0, commit: bool = True) -> None:
         """Final checkpoint unless a release failed (then abort), then close clients and workers,
-        all within one shared deadline (systemd's TimeoutStopSec is 30 s)."""
+        all within one shared deadline (systemd's TimeoutStopSec is 30 s). ``commit=False`` (the
+        loop ended on an error or was cancelled mid-step, maybe between storing a batch's states
+        and writing its outputs): abort, never commit what the interval holds."""
         self.closing = True
         end = time.monotonic() + deadline
 
@@ -257,7 +317,7 @@ class Engine:
             try:
                 if self._commit is not None:
                     await asyncio.wait_for(self._settle(), left(deadline / 4))
-                if locked and self.failure is None and not self.paused and self.fatal is None:
+                if locked and commit and self.failure is None and not self.paused and self.fatal is None:
                     await asyncio.wait_for(self._drain(), left(deadline / 4))
                     await asyncio.wait_for(self.checkpoint(), left(deadline / 2))
                 else:
@@ -273,7 +333,8 @@ class Engine:
             if locked:
                 self.lock.release()
         await asyncio.gather(*(asyncio.wait_for(c.stop(), left(5)) for c in
-                               (self.consumer, self.restorer, self.shared_producer) if c is not None),
+                               (self.consumer, self.restorer, self._hw_reader, self.shared_producer)
+                               if c is not None),
                              return_exceptions=True)
         for rel in (self.active, self.standby):
             if rel is not None:
@@ -374,7 +435,9 @@ class Engine:
                 for p in opened:
                     await self._close_partition(p)
                 raise failed[0]
-            if not self.paused:
+            if self.paused:
+                self.consumer.pause(*assigned)  # a new assignment starts unpaused
+            else:
                 self.consumer.resume(*assigned)
             for p in opened:
                 self.partitions[p.tp] = p
@@ -390,8 +453,8 @@ class Engine:
         if not self.eos:
             return None
         producer = AIOKafkaProducer(
-            transactional_id=transactional_id(self.s.app.name, tp.topic, tp.partition),
-            enable_idempotence=True, acks="all", linger_ms=10, max_batch_size=512 * 1024,
+            transactional_id=transactional_id(self.s.app.name, self.group, tp.topic, tp.partition),
+            enable_idempotence=True, acks="all", linger_ms=10, max_batch_size=self._limits.batch_bytes,
             transaction_timeout_ms=60000, retry_backoff_ms=10, **self._common)
         await producer.start()  # InitProducerId: fences every earlier owner, aborts its open transaction
         return producer
@@ -425,7 +488,12 @@ class Engine:
     async def _restore_locked(self, tp: TopicPartition, store: StateStore) -> None:
         ctp = TopicPartition(self._changelog, tp.partition)
         start = store.position()
-        end = (await self.restorer.end_offsets([ctp]))[ctp]
+        # Restore up to the high watermark, not to the last stable offset that read_committed's
+        # end_offsets gives: another writer of this changelog partition (a partition of another
+        # input topic with the same number) may hold a transaction open, and our own committed
+        # records behind its start would be cut off. Our producer has fenced the partition's previous
+        # owner, so everything below the high watermark is decided or ends with its writer's interval.
+        end = (await self._hw_reader.end_offsets([ctp]))[ctp]
         labels = (tp.topic, str(tp.partition))
         if start >= end:
             m.STATE_RESTORE_REMAINING.labels(*labels).set(0)
@@ -557,6 +625,7 @@ class Engine:
         b.shadow = shadow
         if previous is not None and previous.release is not rel:
             previous = None  # cannot happen (a release change drains first); never carry across models
+        markers = tolerant.STATS.markers > self._markers_found  # the client met a record it could not read
         for tp, records in data.items():
             p = self.partitions.get(tp)
             if p is None:
@@ -568,6 +637,10 @@ class Engine:
                 if r.offset < p.fetched:
                     continue  # already handed to the model (a seek raced with a prefetched batch)
                 n += 1
+                if markers and tolerant.is_marker(r):
+                    self._markers_found += 1
+                    b.direct.append((p, r, "undecodable", r.headers[-1][1].decode("utf-8", "replace")))
+                    continue
                 value = r.value
                 if value is None or len(value) > self._max_value:
                     b.direct.append((p, r, "oversized" if value is not None else "bad_json",
@@ -618,14 +691,31 @@ class Engine:
         if b.items:
             b.results, new_states, b.predict_s = await b.task
             m.PREDICT_SECONDS.labels(b.release.channel).observe(b.predict_s)
-            stores = [(b.release.ns, new_states)]
-            if b.shadow is not None and b.new_states_s is not None:
-                stores.append((b.shadow.ns, b.new_states_s))  # the hot standby's own namespace
             owner = b.skey_owner
+            self._check_state_sizes(b.release, new_states, owner)
+            stores = [(b.release.ns, new_states)]
+            if b.shadow is not None and b.new_states_s is not None and b.shadow.ns != b.release.ns:
+                # the hot standby's own namespace; one that declares the active's (same name and
+                # state_schema_version) reads the active's states and never writes them
+                stores.append((b.shadow.ns, b.new_states_s))
             for ns, states in stores:
                 for sk, st in states.items():
                     p, key = owner[sk]
                     p.store.put(ns, key, st)
+
+    def _check_state_sizes(self, rel: LoadedRelease, states: dict, owner: list) -> None:
+        """A state larger than the changelog accepts would fail every checkpoint of its partition:
+        the release is at fault (``state_oversized``), before anything of the batch is stored."""
+        limit = self._limits.of(self._changelog)
+        room = limit - 2048  # changelog key and header: the exact size is computed only above this
+        for sk, st in states.items():
+            if st is not None and len(st) > room:
+                p, key = owner[sk]
+                size = limits.record_bytes(changelog_key(p.tp.topic, rel.ns, key), st, [(H.H_CHECKPOINT, b"9" * 20)])
+                if size > limit:
+                    raise ReleaseFailure(f"{rel.channel} release {rel.ref} returned a state of {len(st)} bytes for a key "
+                                         f"of {p.tp.topic}:{p.tp.partition}; the changelog {self._changelog} accepts "
+                                         f"{limit} bytes per record", reason="state_oversized")
 
     async def _emit(self, b: "_Batch") -> None:
         """Write the batch's outputs and dead letters; only then does its input count as processed."""
@@ -642,11 +732,14 @@ class Engine:
         live = {p for p in b.ends if self.partitions.get(p.tp) is p}  # a partition may have been dropped
         producers = {id(p): await self._producer(p) for p in live}
         H_OFFSET = H.H_SOURCE_OFFSET
+        out_limit = self._limits.of(out)
         for p, lo, hi in b.spans:  # one partition's records at a time: per-record work is one append
             producer = producers.get(id(p))
             if producer is None:
                 continue
             prefix = rel_headers + [(H.H_SOURCE_TOPIC, p.topic_b), (H.H_SOURCE_PARTITION, p.partition_b)]
+            # key + value bytes that surely fit (the exact size is computed only above this)
+            room = out_limit - limits.record_bytes(None, b"", prefix + [(H_OFFSET, b"9" * 20)]) - 10
             fixed = self._fixed_out_partition(p)
             partition_of = self._out_partitioner
             ok = 0
@@ -654,8 +747,18 @@ class Engine:
                 r, res = refs[i], results[i]
                 hdrs = prefix + [(H_OFFSET, str(r.offset).encode())]
                 if res[0] == OK:
-                    key = r.key
-                    add(producer, out, fixed if fixed is not None else partition_of(key), key, res[1], hdrs)
+                    key, value = r.key, res[1]
+                    if (len(value) + (len(key) if key is not None else 0) > room
+                            and limits.record_bytes(key, value, hdrs) > out_limit):
+                        # refused whole by the broker, and again on every replay: a dead letter instead
+                        self._add_dlq(sink, producer, r, "output_oversized",
+                                      f"output of {len(value)} bytes (record with key and headers: "
+                                      f"{limits.record_bytes(key, value, hdrs)} bytes) exceeds the {out_limit} bytes "
+                                      f"{out} accepts (max.message.bytes, capped by the producer's max_request_size)",
+                                      hdrs)
+                        reasons[(p, "output_oversized")] = reasons.get((p, "output_oversized"), 0) + 1
+                        continue
+                    add(producer, out, fixed if fixed is not None else partition_of(key), key, value, hdrs)
                     ok += 1
                 else:
                     self._add_dlq(sink, producer, r, res[1], res[2], hdrs)
@@ -669,7 +772,10 @@ class Engine:
                           rel_headers + H.source_headers(p.topic_b, p.partition_b, r.offset))
             reasons[(p, reason)] = reasons.get((p, reason), 0) + 1
         futures = await sink.flush()
-        if not self.eos:
+        if self.eos:
+            for p in live:  # every write is acknowledged before its checkpoint commits (_commit_eos)
+                p.acks.extend(sink.futures_of(producers[id(p)]))
+        else:
             self._alo_futures.extend(futures)
         for p, (end, n) in b.ends.items():
             if p not in live:
@@ -721,12 +827,33 @@ class Engine:
         return active_res
 
     def _add_dlq(self, sink: BatchSink, producer, r, reason: str, detail: str, provenance) -> None:
-        value = r.value
-        truncated = value is not None and len(value) > self._max_value
-        if truncated:
-            value = value[: self._max_value]
-        sink.add(producer, self._dlq_topic, self._dlq_partitioner(r.key), r.key, value,
-                 H.dead_letter_headers(r.headers, reason, detail, provenance, truncated))
+        """A dead letter carrying the input's key, value and headers, cut to what the dead-letter
+        topic accepts: the value first (to ``dead_letter.max_value_bytes``, then to fit), then the
+        input's own headers, then the key; the original size is in ``fd.dlq.original_size``."""
+        key, value, original = r.key, r.value, r.headers
+        if original and original[-1][0] == tolerant.MARK:
+            original = original[:-1]  # an undecodable record's marker: its text is the detail
+        size = len(value) if value is not None else 0
+        keep = min(size, self._max_value)
+        hdrs = H.dead_letter_headers(original, reason, detail, provenance, keep < size, size)
+        limit = self._limits.of(self._dlq_topic)
+        over = limits.record_bytes(key, value[:keep] if value is not None else None, hdrs) - limit
+        if over > 0:
+            keep = max(0, keep - over)
+            hdrs = H.dead_letter_headers(original, reason, detail, provenance, keep < size, size)
+            for what in ("headers", "key"):
+                if limits.record_bytes(key, value[:keep] if value is not None else None, hdrs) <= limit:
+                    break
+                if what == "headers":
+                    original = ()
+                else:
+                    key = None
+                hdrs = H.dead_letter_headers(original, reason, f"{detail} (the input's {what} did not fit)",
+                                             provenance, keep < size, size)
+        if keep < size:
+            value = value[:keep]
+            m.DEAD_LETTERS_TRUNCATED.inc()
+        sink.add(producer, self._dlq_topic, self._dlq_partitioner(r.key), key, value, hdrs)
 
     async def _producer(self, p: Partition) -> AIOKafkaProducer:
         if not self.eos:
@@ -760,7 +887,9 @@ class Engine:
         self.policy.reset()
         if not parts:
             return False
-        snaps = [_Commit(p, p.position, p.uncommitted, p.store.begin_commit()) for p in parts]
+        snaps = [_Commit(p, p.position, p.uncommitted, p.store.begin_commit(), p.acks) for p in parts]
+        for p in parts:
+            p.acks = []
         t0 = time.monotonic()
         futures, self._alo_futures = self._alo_futures, []  # at-least-once: every output written so far
 
@@ -800,6 +929,12 @@ class Engine:
                     raise exc
                 await self._commit_failed(p, exc)
             await self.rewind_all()
+            if any(isinstance(exc, (MessageSizeTooLargeError, RecordListTooLargeError)) for _, exc in failed):
+                # a topic's max.message.bytes went down since start: what no longer fits becomes a
+                # dead letter from the replay on (output_oversized), instead of failing again
+                self._limits = await limits.read(self._common, list(self._limits.max_bytes))
+                log.warning("a write was refused as too large; topic limits re-read",
+                            extra={"limits": self._limits.max_bytes})
             return False
         self.last_checkpoint = now
         m.CHECKPOINTS.inc()
@@ -836,11 +971,19 @@ class Engine:
         p = c.p
         producer = await self._producer(p)
         sink = await self._send_changelog(producer, p, c.changes, c.position)
-        await producer.send(self._ckpt_topic, record_value(
+        written = await producer.send(self._ckpt_topic, record_value(
             group=self.group, topic=p.tp.topic, partition=p.tp.partition, offset=c.position,
             changelog_records=len(c.changes), release=self.active.info, instance=self.instance_id,
             records=c.records), key=record_key(self.group, p.tp.topic, p.tp.partition))
         await producer.send_offsets_to_transaction({p.tp: c.position}, self.group)
+        # Every write of the interval (outputs, dead letters, changelog, checkpoint record) is
+        # acknowledged before the transaction commits: Kafka would commit a transaction one of
+        # whose batches was refused, and the interval's inputs would be neither output nor dead letter.
+        try:
+            await asyncio.gather(*c.acks, written, *(sink.futures_of(producer) if sink is not None else ()))
+        except Exception:
+            m.WRITES_REFUSED.inc()
+            raise  # the checkpoint fails: _settle aborts and rewinds every partition
         await producer.commit_transaction()
         p.in_txn = False
         p.committed = c.position
@@ -892,6 +1035,7 @@ class Engine:
         if p.tp in self.consumer.assignment():
             self.consumer.pause(p.tp)
         p.in_txn = False
+        p.acks = []
         p.store.discard_pending()
         self.partitions.pop(p.tp, None)
         try:
@@ -936,6 +1080,7 @@ class Engine:
             self.replayed_total += replay
             return replay
         p.store.discard_pending()
+        p.acks = []  # their transaction is aborted
         replay = max(0, p.highest - p.committed) if count else 0
         p.position = p.committed
         p.fetched = p.committed
@@ -1000,7 +1145,9 @@ class Engine:
                                      rel.headers + H.source_headers(p.topic_b, p.partition_b, r.offset) + mark)
                             written += 1
                     futures = await sink.flush()
-                    if not self.eos:
+                    if self.eos:
+                        p.acks.extend(futures)
+                    else:
                         self._alo_futures.extend(futures)
         finally:
             await consumer.stop()
@@ -1039,10 +1186,10 @@ def _same_output(a: bytes, b: bytes) -> int:
 class _Commit:
     """What one partition's checkpoint commits, taken when the interval closed."""
 
-    __slots__ = ("p", "position", "records", "changes")
+    __slots__ = ("p", "position", "records", "changes", "acks")
 
-    def __init__(self, p: Partition, position: int, records: int, changes: dict) -> None:
-        self.p, self.position, self.records, self.changes = p, position, records, changes
+    def __init__(self, p: Partition, position: int, records: int, changes: dict, acks: list) -> None:
+        self.p, self.position, self.records, self.changes, self.acks = p, position, records, changes, acks
 
 
 class _Batch:

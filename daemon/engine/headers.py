@@ -15,7 +15,14 @@ H_REPLAYED_FROM = "fd.replayed.from"
 H_CHECKPOINT = "fd.checkpoint"
 H_CORRECTION = "fd.correction"
 
-DLQ_REASONS = ("bad_json", "schema", "oversized", "model_error", "output_schema")
+H_DLQ_ORIGINAL_SIZE = "fd.dlq.original_size"
+
+DLQ_REASONS = ("bad_json", "schema", "oversized", "model_error", "output_schema", "model_exception",
+               "output_oversized", "undecodable")
+"""Every reason a dead letter can carry (one metric label each; runbooks in docs/operations.md):
+model_exception: predict failed for that record alone (found by splitting the batch);
+output_oversized: the output is larger than the output topic or the producer accepts;
+undecodable: the Kafka client could not parse the record (e.g. a header key that is not UTF-8)."""
 
 
 def release_headers(info: dict) -> list[tuple[str, bytes]]:
@@ -30,15 +37,17 @@ def source_headers(topic_b: bytes, partition_b: bytes, offset: int) -> list[tupl
     return [(H_SOURCE_TOPIC, topic_b), (H_SOURCE_PARTITION, partition_b), (H_SOURCE_OFFSET, str(offset).encode())]
 
 
-def dead_letter_headers(original, reason: str, detail: str, provenance, truncated: bool = False
-                        ) -> list[tuple[str, bytes]]:
+def dead_letter_headers(original, reason: str, detail: str, provenance, truncated: bool = False,
+                        original_size: int | None = None) -> list[tuple[str, bytes]]:
     """A dead letter's headers: the input's own, then the reason, the detail (at most 1000 bytes),
-    the provenance (release and source position) and, for a cut value, ``fd.dlq.truncated``.
-    daemon/deadletters.py reads them back in this order."""
+    the provenance (release and source position) and, for a cut value, ``fd.dlq.truncated`` and
+    ``fd.dlq.original_size``. daemon/deadletters.py reads them back in this order."""
     hs = [*(original or ()), (H_DLQ_REASON, reason.encode()),
           (H_DLQ_DETAIL, detail.encode("utf-8", "replace")[:1000]), *provenance]
     if truncated:
         hs.append((H_DLQ_TRUNCATED, b"1"))
+        if original_size is not None:
+            hs.append((H_DLQ_ORIGINAL_SIZE, str(original_size).encode()))
     return hs
 
 

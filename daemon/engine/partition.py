@@ -1,8 +1,12 @@
 """One assigned input partition: its transactional producer, state store and offsets.
 
-The transactional id is ``{app}.{topic}.{partition}``: whichever instance owns the partition
-initialises the producer with that id, which fences every earlier owner (aiokafka has no
-KIP-447, so per-partition ids are what makes a woken zombie's commit fail).
+The transactional id is ``{app}:{group}:{topic}:{partition}``: whichever instance owns the
+partition initialises the producer with that id, which fences every earlier owner (aiokafka has no
+KIP-447, so per-partition ids are what makes a woken zombie's commit fail). The consumer group is
+part of it, so two pipelines on one cluster never fence each other, even with the same app name
+and input topic (two groups consuming one topic are two pipelines; one group is one pipeline).
+``:`` cannot occur in an app name or a topic name, so the id names exactly one (app, group, topic,
+partition), whatever characters the group id holds.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from daemon.engine.state import StateStore
 
 
-def transactional_id(app: str, topic: str, partition: int) -> str:
-    return f"{app}.{topic}.{partition}"
+def transactional_id(app: str, group: str, topic: str, partition: int) -> str:
+    return f"{app}:{group}:{topic}:{partition}"
 
 
 @dataclasses.dataclass(eq=False)
@@ -35,6 +39,8 @@ class Partition:
     the batches in flight or held)."""
     in_txn: bool = False
     uncommitted: int = 0
+    acks: list = dataclasses.field(default_factory=list)
+    """Delivery futures of what was written into the open transaction (awaited before it commits)."""
     topic_b: bytes = b""
     partition_b: bytes = b""
     last_checkpoint_time: float = 0.0

@@ -19,6 +19,7 @@ class BatchSink:
         self._pending: list[tuple[object, str, int, object, int]] = []
         self.last: dict[tuple[str, int], tuple[asyncio.Future, int]] = {}
         """(topic, partition) -> (delivery future of the last batch, records in it)."""
+        self._futures: dict[int, list[asyncio.Future]] = {}
 
     def add(self, producer, topic: str, partition: int, key: bytes | None, value: bytes | None, headers) -> None:
         slot = (id(producer), topic, partition)
@@ -45,10 +46,24 @@ class BatchSink:
         for producer, topic, partition, batch, n in self._pending:
             batch.close()
             fut = await producer.send_batch(batch, topic, partition=partition)
+            fut.add_done_callback(_retrieve)
             self.last[(topic, partition)] = (fut, n)
+            self._futures.setdefault(id(producer), []).append(fut)
             futures.append(fut)
         self._pending.clear()
         return futures
+
+
+    def futures_of(self, producer) -> list[asyncio.Future]:
+        """The delivery futures of the batches ``producer`` was given (after :meth:`flush`)."""
+        return self._futures.get(id(producer), [])
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """Mark a delivery failure as seen: whoever needs it awaits the future; one nobody awaits any
+    more (its transaction was aborted) must not log 'exception was never retrieved'."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Partitioner:

@@ -248,11 +248,19 @@ async def test_restore_stops_at_the_checkpoint_and_reads_only_the_delta(kafka_bo
     await kafkatools.produce(kafka_bootstrap, names["input"], batch1[:1])
     d2 = DaemonProc(cfg2, *args, log=tmp_path / "d2.log").start()
     try:
+        # the restore reads committed writes only, and waits for the open transaction to end
+        # (another writer's records may stand behind its start): end it while d2 restores
+        await kafkatools.wait_for(lambda: d2.check() and "restoring state" in d2.log(), timeout=60,
+                                  what="d2 restoring")
+        await open_txn.abort_transaction()
+        await open_txn.stop()
+        open_txn = None
         await _run_until_done(kafka_bootstrap, names, 31, [d2])
         assert d2.terminate() == 0
     finally:
-        await open_txn.abort_transaction()
-        await open_txn.stop()
+        if open_txn is not None:
+            await open_txn.abort_transaction()
+            await open_txn.stop()
         if d2.alive():
             d2.kill9()
     outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
@@ -308,3 +316,53 @@ async def test_second_signal_forces_exit_while_the_first_waits_on_a_hung_model(k
         d.kill9()
     # nothing from the hung interval was committed
     assert await kafkatools.read_committed(kafka_bootstrap, names["output"]) == []
+
+
+async def test_restore_reads_committed_state_behind_another_writers_open_transaction(
+        kafka_bootstrap, tmp_path, example_bundles):
+    """A changelog partition can have another writer (with several input topics, partition N of
+    each topic writes changelog partition N). Its open transaction holds the last stable offset
+    back; the restore must still apply our committed records that stand behind its start."""
+    from aiokafka import AIOKafkaProducer
+
+    from daemon.engine.state import changelog_key
+
+    names = await make_topics(kafka_bootstrap, "lso", partitions=1)
+    group, app = kafkatools.unique("g"), kafkatools.unique("app")
+    args = ("--active-bundle", str(example_bundles["v1"]))
+    cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s1",
+                       group=group, app=app)
+    rec = (b"card-l", orjson.dumps({"card_id": "card-l", "amount": 10.0, "features": [0.1] * 8}))
+    await kafkatools.produce(kafka_bootstrap, names["input"], [rec] * 30)
+    d1 = DaemonProc(cfg, *args, log=tmp_path / "d1.log").start()
+    other = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=kafkatools.unique("other-topic"),
+                             transaction_timeout_ms=180000)
+    await other.start()
+    try:
+        await _run_until_done(kafka_bootstrap, names, 30, [d1])
+        await other.begin_transaction()
+        await (await other.send(names["changelog"], b"{}", partition=0,
+                                key=changelog_key("another-input-topic", "fraud-scorer/s1", b"card-x")))
+        # 20 more records: d1's committed changelog records land behind the open one
+        await kafkatools.produce(kafka_bootstrap, names["input"], [rec] * 20)
+        await _run_until_done(kafka_bootstrap, names, 50, [d1])
+        assert d1.terminate() == 0
+
+        # a fresh instance restores from the changelog while the other transaction is still open
+        cfg2 = write_config(tmp_path / "f2.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s2",
+                            group=group, app=app)
+        d2 = DaemonProc(cfg2, *args, log=tmp_path / "d2.log").start()
+        try:
+            await kafkatools.wait_for(lambda: d2.check() and "restoring state" in d2.log(), timeout=60,
+                                      what="d2 restoring")
+            await other.commit_transaction()  # the other writer's interval ends
+            await kafkatools.produce(kafka_bootstrap, names["input"], [rec])
+            await _run_until_done(kafka_bootstrap, names, 51, [d2])
+            assert d2.terminate() == 0
+        finally:
+            if d2.alive():
+                d2.kill9()
+    finally:
+        await other.stop()
+    outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
+    assert [orjson.loads(r.value)["count"] for r in sorted(outputs, key=lambda r: r.offset)] == list(range(1, 52))

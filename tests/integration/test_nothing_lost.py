@@ -1,0 +1,244 @@
+"""Nothing lost, whatever the broker refuses or the group does (issue: Nothing lost).
+
+Each test reproduces a way inputs used to end as neither output nor dead letter, against the real
+broker and a real daemon, and counts every input once under read_committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from daemon.registry import Registry
+from tests import kafkatools, streams
+from tests.daemonproc import DaemonProc, make_topics, write_config
+from tests.integration.test_coordination import cli
+from tests.integration.test_engine import _run_until_done
+from tests.integration.test_failover import FAST_FAILOVER, release_of, with_faults
+
+
+async def _set_topic_config(bootstrap: str, topic: str, configs: dict[str, str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs)])
+    finally:
+        await admin.close()
+
+
+async def test_a_write_the_broker_refuses_never_commits_its_interval(kafka_bootstrap, tmp_path, example_bundles):
+    """The output topic's max.message.bytes drops below the outputs' size after the daemon read it:
+    every batch is refused. Before: the refusal was a never-retrieved future, the transaction
+    committed anyway and the interval's inputs were lost. Now the checkpoint aborts and replays;
+    the daemon re-reads the limits and the outputs that no longer fit become dead letters
+    (output_oversized), each input exactly once."""
+    names = await make_topics(kafka_bootstrap, "refused", partitions=2)
+    cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s",
+                       group=kafkatools.unique("g"), app=kafkatools.unique("app"))
+    records = streams.transactions(2000, seed=31, n_cards=20)
+    d = DaemonProc(cfg, "--active-bundle", str(example_bundles["v1"]), log=tmp_path / "d.log").start()
+    try:
+        await kafkatools.produce(kafka_bootstrap, names["input"], records[:1000])
+        await _run_until_done(kafka_bootstrap, names, 1000, [d])
+        await _set_topic_config(kafka_bootstrap, names["output"], {"max.message.bytes": "200"})
+        await kafkatools.produce(kafka_bootstrap, names["input"], records[1000:])
+        await _run_until_done(kafka_bootstrap, names, 2000, [d])
+        assert d.terminate() == 0
+    finally:
+        if d.alive():
+            d.kill9()
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
+    reasons = {dict(r.headers)["fd.dlq.reason"] for r in dead}
+    assert reasons == {b"output_oversized"}, reasons
+    assert len(outputs) >= 1000 and len(dead) > 0
+    assert "topic limits re-read" in d.log()
+
+
+async def test_an_output_larger_than_the_topic_accepts_is_a_dead_letter(kafka_bootstrap, tmp_path, example_bundles):
+    """Outputs over the output topic's max.message.bytes (read at start) never reach the producer:
+    they are dead letters with reason output_oversized naming the size and the limit."""
+    names = await make_topics(kafka_bootstrap, "oversized", partitions=2)
+    await _set_topic_config(kafka_bootstrap, names["output"], {"max.message.bytes": "400"})
+    cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s",
+                       group=kafkatools.unique("g"), app=kafkatools.unique("app"))
+    records = streams.transactions(600, seed=32, n_cards=20)
+    await kafkatools.produce(kafka_bootstrap, names["input"], records)
+    d = DaemonProc(cfg, "--active-bundle", str(example_bundles["v2"]), log=tmp_path / "d.log").start()
+    try:
+        await _run_until_done(kafka_bootstrap, names, 600, [d])
+        assert d.terminate() == 0
+    finally:
+        if d.alive():
+            d.kill9()
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
+    assert dead, "every output of 2.0.0 is over 400 bytes with its provenance headers"
+    detail = dict(dead[0].headers)["fd.dlq.detail"].decode()
+    assert "exceeds the 400 bytes" in detail, detail
+    assert all(dict(r.headers)["fd.dlq.reason"] == b"output_oversized" for r in dead)
+    assert "FAILOVER" not in d.log()
+
+
+async def test_a_rebalance_while_paused_skips_no_record(kafka_bootstrap, tmp_path, example_bundles):
+    """The active fails with no standby: paused. Another instance joins the group and leaves again,
+    records keep arriving, a good release is promoted. Before: the new assignment started unpaused,
+    the loop dropped what it fetched, resuming did not seek back, and the next checkpoint committed
+    past records never processed. Now every input is output once."""
+    names = await make_topics(kafka_bootstrap, "pausereb", partitions=2)
+    registry_dir = tmp_path / "registry"
+    registry = Registry(registry_dir)
+    for v in ("v1", "v2"):
+        registry.add(example_bundles[v])
+    group, app = kafkatools.unique("g"), kafkatools.unique("app")
+    extra = {"failover": {"standby_mode": "warm", **FAST_FAILOVER}, "worker": {"predict_timeout_ms": 1500}}
+    cfg_a, cfg_b = (write_config(tmp_path / f"{n}.toml", bootstrap=kafka_bootstrap, names=names,
+                                 state_dir=tmp_path / f"s{n}", registry=registry_dir, group=group, app=app,
+                                 extra=extra) for n in ("a", "b"))
+    cli("release", "promote", "fraud-scorer@2.0.0", "--channel", "active", "--reason", "v2", "--config", str(cfg_a))
+    records = with_faults(streams.transactions(6000, seed=33, n_cards=30), "crash", 1000)
+    await kafkatools.produce(kafka_bootstrap, names["input"], records[:2000])
+    a = DaemonProc(cfg_a, log=tmp_path / "a.log").start()
+    b = None
+    try:
+        await kafkatools.wait_for(lambda: a.check() and "CONSUMPTION PAUSED" in a.log(), timeout=90,
+                                  what="a paused (active failed, no standby)")
+        b = DaemonProc(cfg_b, log=tmp_path / "b.log").start()
+        await kafkatools.wait_for(
+            lambda: b.check() and len(json.loads(b.get("/status")[1] or b"{}").get("partitions", [])) > 0,
+            timeout=90, what="b holds partitions")
+        await kafkatools.produce(kafka_bootstrap, names["input"], records[2000:4000])
+        assert b.terminate() == 0
+        # a takes every partition back while paused; records keep arriving
+        await kafkatools.wait_for(
+            lambda: a.check() and len(json.loads(a.get("/status")[1] or b"{}").get("partitions", [])) == 2,
+            timeout=90, what="a holds both partitions again")
+        await kafkatools.produce(kafka_bootstrap, names["input"], records[4000:5000])
+        status = json.loads(a.get("/status")[1])
+        assert status["paused"], status
+        cli("release", "promote", "fraud-scorer@1.0.0", "--channel", "active", "--reason", "good one",
+            "--config", str(cfg_a))
+        await kafkatools.produce(kafka_bootstrap, names["input"], records[5000:])
+        await _run_until_done(kafka_bootstrap, names, len(records), [a], timeout=150)
+        assert a.terminate() == 0
+    finally:
+        for d in (a, b):
+            if d is not None and d.alive():
+                d.kill9()
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
+    assert {release_of(r) for r in outputs} <= {"1.0.0", "2.0.0"}
+    assert "1.0.0" in {release_of(r) for r in outputs}
+
+
+async def test_sigterm_while_the_group_hands_over_partitions_exits_0(kafka_bootstrap, tmp_path, example_bundles):
+    """A second instance is stopped at several moments of its join (before, during and after the
+    rebalance gives it partitions): every stop is clean (exit 0), and the first instance goes on
+    with every input once."""
+    names = await make_topics(kafka_bootstrap, "termreb", partitions=4)
+    group, app = kafkatools.unique("g"), kafkatools.unique("app")
+    cfgs = [write_config(tmp_path / f"{n}.toml", bootstrap=kafka_bootstrap, names=names,
+                         state_dir=tmp_path / f"s{n}", group=group, app=app) for n in ("a", "b")]
+    args = ("--active-bundle", str(example_bundles["v1"]))
+    # many keys: a joining instance spends a while restoring state inside the assignment
+    records = streams.transactions(8000, seed=34, n_cards=4000)
+    await kafkatools.produce(kafka_bootstrap, names["input"], records[:4000])
+    a = DaemonProc(cfgs[0], *args, log=tmp_path / "a.log").start()
+    try:
+        await _run_until_done(kafka_bootstrap, names, 4000, [a])
+        for i, marker in enumerate(("admin API listening", "worker ready", "restoring state")):
+            b = DaemonProc(cfgs[1], *args, log=tmp_path / f"b{i}.log").start()
+            try:
+                await kafkatools.wait_for(lambda: b.check() and marker in b.log(), timeout=60,
+                                          what=f"b at {marker!r}")
+                code = b.terminate(timeout=40)
+            finally:
+                if b.alive():
+                    b.kill9()
+            assert code == 0, b.log()[-3000:]
+            assert "could not take the assigned partitions" not in b.log()
+            await kafkatools.produce(kafka_bootstrap, names["input"], records[4000 + 1000 * i:5000 + 1000 * i])
+        await kafkatools.produce(kafka_bootstrap, names["input"], records[7000:])
+        await _run_until_done(kafka_bootstrap, names, len(records), [a], timeout=150)
+        assert a.terminate() == 0
+    finally:
+        if a.alive():
+            a.kill9()
+    await streams.verified(kafka_bootstrap, names)
+
+
+async def test_two_pipelines_with_one_app_name_on_one_topic_never_fence_each_other(
+        kafka_bootstrap, tmp_path, example_bundles):
+    """Two pipelines (their own groups, outputs and state) with the default app name read one input
+    topic. Before: the transactional id {app}.{topic}.{partition} was the same for both, and one
+    fenced the other. Now the group is part of the id: both output every input once."""
+    first = await make_topics(kafka_bootstrap, "twopipe", partitions=2)
+    second = {**await make_topics(kafka_bootstrap, "twopipe2", partitions=2), "input": first["input"]}
+    records = streams.transactions(3000, seed=35, n_cards=30)
+    await kafkatools.produce(kafka_bootstrap, first["input"], records[:1500])
+    daemons = []
+    try:
+        for n, names in (("a", first), ("b", second)):
+            cfg = write_config(tmp_path / f"{n}.toml", bootstrap=kafka_bootstrap, names=names,
+                               state_dir=tmp_path / f"s{n}", group=kafkatools.unique("g"), app="failoverd")
+            daemons.append(DaemonProc(cfg, "--active-bundle", str(example_bundles["v1"]),
+                                      log=tmp_path / f"{n}.log").start())
+        await asyncio.gather(*(_run_until_done(kafka_bootstrap, names, 1500, [d])
+                               for names, d in zip((first, second), daemons)))
+        await kafkatools.produce(kafka_bootstrap, first["input"], records[1500:])
+        for names, d in zip((first, second), daemons):
+            await _run_until_done(kafka_bootstrap, names, 3000, [d])
+        for d in daemons:
+            assert d.terminate() == 0
+            assert "fenced" not in d.log().lower()
+    finally:
+        for d in daemons:
+            if d.alive():
+                d.kill9()
+    for names in (first, second):
+        inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
+        assert len(outputs) + len(dead) == 3000
+
+
+async def test_a_hot_standby_declaring_the_active_state_namespace_never_writes_it(
+        kafka_bootstrap, tmp_path, example_bundles):
+    """A hot standby with the active's name and state_schema_version (a patch release whose state
+    logic differs) shadows every batch. Before: it stored its states in the active's namespace,
+    and the active's per-card counts were overwritten. Now the active's counts run 1, 2, 3, ..."""
+    import shutil
+
+    from daemon.bundle import build
+
+    src = tmp_path / "fraud-v2-patch"
+    shutil.copytree(examples_dir() / "fraud-v2", src)
+    manifest = (src / "bundle.toml").read_text()
+    assert 'version = "2.0.0"' in manifest
+    (src / "bundle.toml").write_text(manifest.replace('version = "2.0.0"', 'version = "2.0.1"', 1))
+    features = (src / "code" / "features.py").read_text()
+    assert "count += 1" in features, "the patch must change fraud-v2's state update"
+    (src / "code" / "features.py").write_text(features.replace("count += 1", "count += 7"))
+    patch_bundle = build(src, tmp_path / "dist").path
+
+    names = await make_topics(kafka_bootstrap, "hotns", partitions=2)
+    cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s",
+                       group=kafkatools.unique("g"), app=kafkatools.unique("app"),
+                       extra={"failover": {"standby_mode": "hot"}})
+    records = streams.transactions(2000, seed=36, n_cards=20)
+    await kafkatools.produce(kafka_bootstrap, names["input"], records)
+    d = DaemonProc(cfg, "--active-bundle", str(example_bundles["v2"]), "--standby-bundle", str(patch_bundle),
+                   log=tmp_path / "d.log").start()
+    try:
+        await _run_until_done(kafka_bootstrap, names, 2000, [d])
+        assert d.terminate() == 0
+    finally:
+        if d.alive():
+            d.kill9()
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
+    assert {release_of(r) for r in outputs} == {"2.0.0"}
+    streams.assert_counts_chain(outputs)
+
+
+def examples_dir():
+    from tests.conftest import ROOT
+
+    return ROOT / "examples" / "bundles"
