@@ -118,8 +118,14 @@ class FailoverController:
         results = summary["results"]
         if not results:
             return
-        invalid = sum(1 for r in results if r[0] == DLQ and r[1] == "output_schema")
-        verdict = self.monitor.batch_ok(summary["predict_seconds"], len(results), invalid)
+        invalid = failed = 0
+        for r in results:
+            if r[0] == DLQ:
+                if r[1] == "output_schema":
+                    invalid += 1
+                elif r[1] == "model_exception":
+                    failed += 1
+        verdict = self.monitor.batch_ok(summary["predict_seconds"], len(results), invalid, failed)
         if verdict is not None and engine.pending_failure is None:
             engine.pending_failure = ReleaseFailure(verdict.detail, reason=verdict.reason)
 

@@ -85,12 +85,19 @@ class HealthMonitor:
         self.exceptions = SlidingRate(window)
         self.latency = SlidingQuantile(window)
         self.invalid = SlidingRate(window)
+        self.record_failures = SlidingRate(window)
+        """Records that made predict fail on their own (isolated by splitting: model_exception)."""
 
-    def batch_ok(self, predict_seconds: float, records: int, invalid_outputs: int) -> Verdict | None:
+    def batch_ok(self, predict_seconds: float, records: int, invalid_outputs: int,
+                 failed_records: int = 0) -> Verdict | None:
+        """``failed_records``: records dead-lettered as model_exception (each failed predict alone).
+        A release that fails on most records fails over even when every batch holds one record
+        (isolation would otherwise dead-letter them one by one forever)."""
         self.exceptions.add(False)
         self.latency.add(predict_seconds)
         if records:
             self.invalid.add_counts(invalid_outputs, records)
+            self.record_failures.add_counts(failed_records, records)
         return self.check()
 
     def batch_failed(self) -> Verdict | None:
@@ -101,6 +108,10 @@ class HealthMonitor:
         if self.exceptions.count >= self.min_samples and self.exceptions.rate >= self.error_rate:
             return Verdict("exception_rate", f"{self.exceptions.rate:.0%} of the last {self.exceptions.count} "
                                              f"batches raised (threshold {self.error_rate:.0%})")
+        failures = self.record_failures
+        if failures.count >= self.min_samples and failures.rate >= self.error_rate:
+            return Verdict("exception_rate", f"predict failed on {failures.rate:.0%} of the last {failures.count} "
+                                             f"records (threshold {self.error_rate:.0%})")
         if self.latency.count >= self.min_samples:
             p99 = self.latency.quantile(0.99)
             if p99 > self.latency_p99_s:
@@ -115,3 +126,4 @@ class HealthMonitor:
         self.exceptions.reset()
         self.latency.reset()
         self.invalid.reset()
+        self.record_failures.reset()

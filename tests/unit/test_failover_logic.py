@@ -102,3 +102,18 @@ def test_cap_per_window_and_expiry():
     assert "cap reached" in p.check() and p.capped()
     clock.t += 60
     assert p.check() is None
+
+
+def test_records_failing_alone_fail_the_release_over_even_one_per_batch():
+    """Isolation dead-letters a record that makes predict fail; a release that fails on most records
+    must still fail over when each batch holds a single record (no batch ever fails as a whole)."""
+    m = monitor()
+    verdicts = [m.batch_ok(0.01, records=1, invalid_outputs=0, failed_records=1) for _ in range(5)]
+    assert verdicts[:4] == [None] * 4
+    assert verdicts[4] is not None and verdicts[4].reason == "exception_rate"
+    assert "of the last 5 records" in verdicts[4].detail
+
+
+def test_a_few_poison_records_among_many_do_not_fail_the_release_over():
+    m = monitor()
+    assert all(m.batch_ok(0.01, records=100, invalid_outputs=0, failed_records=2) is None for _ in range(50))
