@@ -369,6 +369,7 @@ class Engine:
             "paused": self.paused, "pause_reason": self.pause_reason,
             "partitions": parts, "last_checkpoint": self.last_checkpoint,
             "exactly_once": self.eos, "replayed_total": self.replayed_total,
+            "restoring": {f"{tp.topic}:{tp.partition}": left for tp, left in sorted(self.restoring.items())},
         }
 
     def _watch_active(self) -> None:
@@ -502,6 +503,7 @@ class Engine:
         self.restorer.seek(ctp, start)
         t0, applied, pos = time.monotonic(), 0, start
         log.info("restoring state", extra={"partition": f"{tp.topic}:{tp.partition}", "from": start, "to": end})
+        next_report = t0 + 5.0
         while pos < end:
             batch = await self.restorer.getmany(ctp, timeout_ms=100, max_records=10000)
             recs = batch.get(ctp, [])
@@ -512,6 +514,11 @@ class Engine:
             remaining = max(0, end - pos)
             self.restoring[tp] = remaining
             m.STATE_RESTORE_REMAINING.labels(*labels).set(remaining)
+            if time.monotonic() >= next_report:  # a long restore says how far it is
+                next_report += 5.0
+                log.info("restoring state: progress", extra={
+                    "partition": f"{tp.topic}:{tp.partition}", "applied": applied, "remaining": remaining,
+                    "percent": round(100 * (pos - start) / max(1, end - start), 1)})
         m.STATE_RESTORED.inc(applied)
         log.info("state restored", extra={"partition": f"{tp.topic}:{tp.partition}", "records": applied,
                                           "seconds": round(time.monotonic() - t0, 3)})
