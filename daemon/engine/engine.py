@@ -837,26 +837,30 @@ class Engine:
         """A dead letter carrying the input's key, value and headers, cut to what the dead-letter
         topic accepts: the value first (to ``dead_letter.max_value_bytes``, then to fit), then the
         input's own headers, then the key; the original size is in ``fd.dlq.original_size``."""
-        key, value, original = r.key, r.value, r.headers
+        original = r.headers
         if original and original[-1][0] == tolerant.MARK:
             original = original[:-1]  # an undecodable record's marker: its text is the detail
-        size = len(value) if value is not None else 0
-        keep = min(size, self._max_value)
-        hdrs = H.dead_letter_headers(original, reason, detail, provenance, keep < size, size)
+        value, size = r.value, len(r.value) if r.value is not None else 0
         limit = self._limits.of(self._dlq_topic)
-        over = limits.record_bytes(key, value[:keep] if value is not None else None, hdrs) - limit
-        if over > 0:
-            keep = max(0, keep - over)
-            hdrs = H.dead_letter_headers(original, reason, detail, provenance, keep < size, size)
-            for what in ("headers", "key"):
-                if limits.record_bytes(key, value[:keep] if value is not None else None, hdrs) <= limit:
+        full = min(size, self._max_value)
+        # the whole (allowed) value with as much of the input's headers and key as fits; else the
+        # value cut to fit beside them
+        options = ((original, r.key, detail), ((), r.key, f"{detail} (the input's headers did not fit)"),
+                   ((), None, f"{detail} (the input's headers and key did not fit)"))
+        for keep_value in (True, False):
+            for hs, key, text in options:
+                keep = full
+                hdrs = H.dead_letter_headers(hs, reason, text, provenance, keep < size, size)
+                over = limits.record_bytes(key, value[:keep] if value is not None else None, hdrs) - limit
+                if over > 0 and not keep_value:
+                    keep = max(0, keep - over)
+                    hdrs = H.dead_letter_headers(hs, reason, text, provenance, True, size)
+                    over = limits.record_bytes(key, value[:keep] if value is not None else None, hdrs) - limit
+                if over <= 0:
                     break
-                if what == "headers":
-                    original = ()
-                else:
-                    key = None
-                hdrs = H.dead_letter_headers(original, reason, f"{detail} (the input's {what} did not fit)",
-                                             provenance, keep < size, size)
+            else:
+                continue
+            break
         if keep < size:
             value = value[:keep]
             m.DEAD_LETTERS_TRUNCATED.inc()
