@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help install system-deps demo test test-unit kafka-up kafka-down kafka-status bench bench-failover bench-peers bench-deps clean
+.PHONY: help install system-deps demo ml-demo test test-unit kafka-up kafka-down kafka-status bench bench-failover bench-peers bench-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -23,6 +23,10 @@ system-deps:  ## install the system tools the tests need (java, maven, promtool,
 demo: $(STAMP)  ## run the demo on the local broker (starts it if needed)
 	$(BIN)/failoverd kafka up
 	$(BIN)/failoverd demo
+
+ml-demo: $(STAMP)  ## the demo with real ML releases: ONNX Runtime active, scikit-learn standby, own envs
+	$(BIN)/failoverd kafka up
+	$(BIN)/failoverd demo --ml --records 6000
 
 # The system tools come first: `python3 -m venv` itself needs Debian's python3-venv.
 test: system-deps $(STAMP)  ## run the whole test suite against the local broker (installs tools, starts it)

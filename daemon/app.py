@@ -12,6 +12,7 @@ from pathlib import Path
 from daemon import metrics as m
 from daemon.engine.engine import Engine
 from daemon.engine.release import LoadedRelease, load_release
+from daemon.engine.worker import Boundary, set_boundary
 from daemon.errors import RegistryError
 
 log = logging.getLogger("failoverd.app")
@@ -136,6 +137,7 @@ class App:
 
     async def _load(self, path: Path, channel: str) -> LoadedRelease:
         w, f = self.settings.worker, self.settings.failover
+        set_boundary(Boundary.from_settings(w))  # frame limit, environment, resource limits of the worker
         return await load_release(path, channel=channel, mode=w.mode,
                                   unpack_dir=Path(self.settings.state.directory) / "bundles",
                                   predict_timeout=w.predict_timeout_ms / 1000,
@@ -201,6 +203,9 @@ class App:
         from daemon.sdnotify import Notifier, watchdog_loop
 
         s = self.settings
+        from daemon.bundle import archive
+
+        archive.configure(archive.Limits(s.registry.bundle_max_unpacked_bytes, s.registry.bundle_max_members))
         self.notifier = Notifier.from_env()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -225,6 +230,7 @@ class App:
             self.engine = Engine(s, active=None, standby=None, on_failure=self.controller.handle,
                                  observers=[self.controller.observe])
             self.engine.on_change = self.controller.apply_change
+            self.engine.loader = self._load  # restarts and probes after a record killed the model process
             self.controller.attach(self.engine)
             keeper = self.controller.keep_standby()
             if keeper is not None:

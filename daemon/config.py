@@ -425,6 +425,17 @@ class RegistrySettings(_Section):
 
     path: Path = _key(Path(".local/registry"))
     control_topic: str = _key("failoverd-control", **_TOPIC)
+    # Zip-bomb limits of a bundle archive (daemon.bundle.archive.Limits): total unpacked bytes and
+    # member count its manifest may declare; the CLI reads the same FAILOVERD_REGISTRY__* variables.
+    bundle_max_unpacked_bytes: int = _key(4 << 30, min=1)
+    bundle_max_members: int = _key(100_000, min=2)
+
+
+def _passthrough_name(name: str) -> str | None:
+    if name.upper().startswith(ENV_PREFIX):
+        return (f"a variable that is not the daemon's own ({name} starts with {ENV_PREFIX}: its configuration "
+                "and secrets never reach a model); give the model its own variable")
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,6 +446,21 @@ class WorkerSettings(_Section):
     predict_timeout_ms: int = _key(5000, min=1)
     start_timeout_ms: int = _key(60000, min=1)
     max_batch_records: int = _key(1000, min=1)
+    # The release boundary (docs/architecture.md "Trust boundary"): the largest frame a worker may
+    # send, what of the daemon's environment it sees besides the allowlist, and its resource limits
+    # (0 = no limit; applied with setrlimit in the worker before the model loads).
+    max_frame_bytes: int = _key(256 << 20, min=1024, max=(1 << 32) - 1)
+    env_passthrough: tuple[str, ...] | None = _key(None, pattern=ENV_NAME, pattern_text="an environment variable name",
+                                                   check=_passthrough_name)
+    memory_mb: int = _key(4096, min=0)
+    max_open_files: int = _key(1024, min=0)
+    max_processes: int = _key(0, min=0)
+
+    def _cross_problems(self) -> list[Problem]:
+        if 0 < self.max_open_files < 16:
+            return [Problem("worker.max_open_files", self.max_open_files,
+                            "expected 0 (no limit) or at least 16: the worker itself needs a few descriptors")]
+        return []
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,9 @@ Every error a user can cause says what was wrong and how to fix it.
     ├── RegistryError          release log / registry problems (unknown release, nothing to roll back to)
     └── ReleaseFailure         the running release failed (worker died, timed out, raised)
         ├── WorkerCrashed
-        └── WorkerTimeout
+        ├── WorkerTimeout
+        ├── WorkerOutOfMemory  the worker hit its memory limit (said so before it exited)
+        └── ProtocolError      the worker sent an oversized, undecodable or unexpected frame
 
 Errors that may go away on their own carry ``retriable = True`` (as in aiokafka).
 """
@@ -68,6 +70,21 @@ class WorkerCrashed(ReleaseFailure):
 class WorkerTimeout(ReleaseFailure):
     def __init__(self, message: str) -> None:
         super().__init__(message, reason="predict_timeout")
+
+
+class WorkerOutOfMemory(ReleaseFailure):
+    """A MemoryError in the worker (``[worker] memory_mb``): it reported it, then exited."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="worker_oom")
+
+
+class ProtocolError(ReleaseFailure):
+    """The worker broke the data-only protocol (daemon/engine/replies.py): it is killed and the
+    release fails over -- the daemon trusts nothing a release sends."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="protocol")
 
 
 class ControlTopicError(RegistryError):

@@ -86,9 +86,9 @@ CONTROL_SKIP_REASONS = ("not_json", "not_object", "missing_fields", "bad_field",
 
 
 FAILOVER_REASONS = ("worker_crashed", "predict_timeout", "exception_rate", "latency_slo", "output_invalid",
-                    "state_oversized", "manual", "standby_available")
+                    "state_oversized", "manual", "standby_available", "protocol", "worker_oom")
 MODEL_ERROR_REASONS = ("worker_crashed", "predict_timeout", "exception", "exception_rate", "latency_slo",
-                       "output_invalid", "state_oversized", "manual")
+                       "output_invalid", "state_oversized", "manual", "protocol", "worker_oom")
 
 
 def init_labels() -> None:

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import filecmp
 import getpass
 import os
 import re
@@ -39,7 +40,6 @@ import orjson
 from daemon.bundle import compat
 from daemon.bundle.loader import Bundle, open_bundle
 from daemon.bundle.manifest import canonical_json
-from daemon.bundle.verify import verify_path
 from daemon.errors import BundleError, RegistryError
 
 CHANNELS = ("active", "standby")
@@ -117,9 +117,21 @@ class LocalBundleStore:
         self.root = Path(root)
 
     def put(self, digest: str, archive: Path, manifest: dict) -> Path:
+        """Store ``archive`` under ``digest``. Stored bytes are never replaced: the same bytes
+        again is a no-op, different bytes under a stored digest are refused (RegistryError)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self._write(self.root / f"{digest}.json", canonical_json(manifest))
         dest = self.root / f"{digest}.fdb"
+        if dest.is_file():
+            if not filecmp.cmp(archive, dest, shallow=False):
+                raise RegistryError(
+                    f"bundle store {self.root}: refusing to store {archive} under digest {digest[:12]}: "
+                    f"{dest} already holds that digest with different bytes, and stored bytes are never replaced; fix: for a rebuild of "
+                    f"the same bundle (compression may differ between builds), use the stored archive: refer to it by "
+                    f"NAME@VERSION or digest, without --bundle; if `failoverd bundle verify {dest}` fails, move "
+                    f"that file aside and add the archive again")
+            self._write(self.root / f"{digest}.json", canonical_json(manifest))
+            return dest
+        self._write(self.root / f"{digest}.json", canonical_json(manifest))
         self._write(dest, Path(archive).read_bytes())
         _fsync_dir(self.root)
         return dest
@@ -303,9 +315,8 @@ class Registry:
         return active
 
     def _verified(self, digest: str, action: str) -> Bundle:
-        """The bundle, after re-hashing the stored archive itself (not only its unpacked cache)."""
+        """The bundle, after re-hashing the stored archive itself (open_bundle does, before its cache)."""
         try:
-            verify_path(self.bundle_path(digest))
             return self.open(digest)
         except BundleError as exc:
             raise RegistryError(f"registry {self.path}: refusing to {action} {self._ref_of(digest)}: {exc}") from exc

@@ -132,11 +132,14 @@ class DaemonProc:
         return self.proc is not None and self.proc.poll() is None
 
     def kill9(self) -> None:
-        """kill -9 the daemon and every process of its session (its model workers)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """kill -9 the daemon, every process of its session, and its model workers' groups (each
+        worker runs in a session of its own)."""
+        workers = self.worker_pids_in_session()
+        for pgid in (self.proc.pid, *workers):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.proc.wait(10)
 
     def terminate(self, timeout: float = 30) -> int:
@@ -148,9 +151,17 @@ class DaemonProc:
             self.kill9()
             raise AssertionError(f"daemon did not stop within {timeout}s after SIGTERM; log:\n{self.log()[-3000:]}")
 
+    @property
+    def state_dir(self) -> str:
+        import tomllib
+
+        return str(tomllib.loads(self.config.read_text())["state"]["directory"])
+
     def worker_pids_in_session(self) -> list[int]:
-        """Model worker processes still running in the daemon's session (the daemon may be gone)."""
-        out = subprocess.run(["pgrep", "-s", str(self.proc.pid), "-f", "daemon.engine.worker_main"],
+        """Model worker processes of this daemon still running (the daemon may be gone): found by
+        their command line, which names the daemon's state directory (each worker has a session
+        of its own, so the daemon's session does not hold them)."""
+        out = subprocess.run(["pgrep", "-f", f"daemon.engine.worker_main .*{self.state_dir}"],
                              capture_output=True, text=True)
         return [int(x) for x in out.stdout.split()]
 

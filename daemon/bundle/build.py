@@ -1,8 +1,9 @@
 """Build a bundle: check ``bundle.toml``, hash every file, write the manifest, pack one archive.
 
 Building the same source twice (or a copy of it elsewhere) gives the same digest and the same
-archive bytes. ``with_wheels`` adds the lock's wheels (``pip download``) under ``wheels/`` so a
-host without a package index can ``pip install --no-index --find-links wheels -r LOCK``.
+archive bytes. ``with_wheels`` adds the lock's wheels (``pip download --no-deps``: the lock lists
+every package) under ``wheels/``, so a host without a package index builds the release's own
+environment from them (``daemon.bundle.environments``: ``uv pip install --no-index --find-links``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Which files belong to a bundle, and their sha256 digests.
 
-Everything under a bundle directory is part of the bundle except interpreter and OS litter:
-``__pycache__/`` directories, ``*.pyc`` files and ``.DS_Store``. Symlinks, devices and fifos
-are never part of a bundle: :func:`scan` reports them so callers can refuse them.
+When a bundle is *built*, everything under its source directory is part of it except
+interpreter and OS litter: ``__pycache__/`` directories, ``*.pyc`` files and ``.DS_Store``.
+Once built, nothing is litter: a ``*.pyc`` in an unpacked bundle is code Python would run, so
+verification (``scan(root, litter=True)``) reports it like any other file the manifest does not
+list. Symlinks, devices and fifos are never part of a bundle: :func:`scan` reports them so
+callers can refuse them.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ def is_ignored(relpath: str) -> bool:
     return name in IGNORED_DIRS or name in IGNORED_NAMES or name.endswith(IGNORED_SUFFIXES)
 
 
-def scan(root: Path) -> tuple[list[str], list[str]]:
+def scan(root: Path, *, litter: bool = False) -> tuple[list[str], list[str]]:
     """(regular files, other entries) under ``root`` as sorted POSIX relative paths.
 
     "Other entries" are symlinks (to files or directories), devices, fifos and sockets: things a
-    bundle must not contain. Ignored litter is in neither list. Symlinked directories are not
-    followed.
+    bundle must not contain. Ignored litter is in neither list unless ``litter`` (verification
+    of a built bundle). Symlinked directories are not followed.
     """
     files: list[str] = []
     others: list[str] = []
@@ -43,14 +46,14 @@ def scan(root: Path) -> tuple[list[str], list[str]]:
         prefix = "" if rel_dir == "." else rel_dir + "/"
         for d in list(dirnames):
             rel = prefix + d
-            if d in IGNORED_DIRS:
+            if d in IGNORED_DIRS and not litter:
                 dirnames.remove(d)
             elif os.path.islink(os.path.join(dirpath, d)):
                 dirnames.remove(d)
                 others.append(rel)
         for f in filenames:
             rel = prefix + f
-            if is_ignored(rel):
+            if not litter and is_ignored(rel):
                 continue
             mode = os.lstat(os.path.join(dirpath, f)).st_mode
             (files if stat.S_ISREG(mode) else others).append(rel)

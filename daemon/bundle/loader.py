@@ -20,7 +20,6 @@ from pathlib import Path
 from daemon.bundle import archive
 from daemon.bundle import files as bfiles
 from daemon.bundle.lock import parse_lock, unsatisfied
-from daemon.bundle.manifest import parse_manifest
 from daemon.bundle.verify import verify_dir
 from daemon.errors import BundleError, IntegrityError
 from daemon.model import ModelContext
@@ -75,7 +74,15 @@ class Bundle:
         return json.loads((self.root / rel).read_text(encoding="utf-8"))
 
     def check_environment(self) -> None:
-        """BundleError listing every way the running Python and installed packages miss the lock."""
+        """BundleError listing every way the running Python and installed packages miss the lock.
+
+        Applies to a bundle run on the daemon's own interpreter (empty lock, in-process worker,
+        ``bundle try``). A worker in the release environment built from this lock passes: that
+        environment was installed from the lock and checked (daemon.bundle.environments)."""
+        from daemon.bundle import environments
+
+        if environments.serving(self):
+            return
         problems = []
         running = f"{sys.version_info[0]}.{sys.version_info[1]}"
         if running != self.python:
@@ -142,16 +149,16 @@ class Bundle:
             sys.path.insert(0, code)
         _CODE_DIRS.add(code)
         importlib.invalidate_caches()
-        before = sys.dont_write_bytecode
-        sys.dont_write_bytecode = True  # keep the verified directory free of __pycache__
+        # Never write bytecode into the verified directory, now or when the model imports lazily
+        # later: a __pycache__ there would be a file the manifest does not list (the directory
+        # is then not trusted again). A process that runs a bundle keeps this off for good.
+        sys.dont_write_bytecode = True
         try:
             module = importlib.import_module(module_name)
         except (Exception, SystemExit) as exc:
             raise BundleError(f"{self.label}: importing entrypoint module {module_name!r} ({rel_file}) failed: "
                               f"{type(exc).__name__}: {exc}; fix: correct {rel_file}, or add the missing "
                               f"package to the lock and install it") from exc
-        finally:
-            sys.dont_write_bytecode = before
         f = getattr(module, "__file__", None) or ""
         if not f.startswith(code + os.sep):
             raise BundleError(f"{self.label}: entrypoint module {module_name!r} was imported from {f or 'built-in'}, "
@@ -159,18 +166,16 @@ class Bundle:
         return module
 
 
-def _purge_pycache(root: Path) -> None:
-    for p in sorted(root.rglob("__pycache__")):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def open_bundle(path: Path, unpack_dir: Path | None = None, *, expect_digest: str | None = None) -> Bundle:
     """Verify and open the bundle at ``path`` (a ``.fdb`` archive or an unpacked directory).
 
-    Archives are unpacked into ``unpack_dir/<digest>/`` (default :func:`default_unpack_dir`);
-    an existing, verifying directory there is reused; one that does not verify is replaced.
-    ``expect_digest`` refuses a bundle whose digest differs (IntegrityError).
+    An archive is verified whole every time it is opened (every member against the manifest,
+    within the limits of :mod:`daemon.bundle.archive`), even when ``unpack_dir/<digest>/``
+    (default :func:`default_unpack_dir`) already holds it: a tampered archive is refused, not
+    masked by a good cache. That directory is trusted only after it verifies too, with nothing
+    in it the manifest does not list (a ``__pycache__`` included); otherwise it is unpacked
+    again. ``expect_digest`` refuses a bundle whose digest differs (IntegrityError naming both),
+    before any member other than the manifest is read.
     """
     path = Path(path)
     if path.is_dir():
@@ -179,20 +184,21 @@ def open_bundle(path: Path, unpack_dir: Path | None = None, *, expect_digest: st
     if not path.exists():
         raise BundleError(f"bundle {path}: no such file or directory; fix: pass a .fdb archive or an unpacked bundle")
     label = f"bundle archive {path}"
-    with archive.open_archive(path, label) as tar:
-        members = archive.safe_members(tar, path, label)
-        raw = archive.read_member(tar, members, bfiles.MANIFEST_NAME)
-    if raw is None:
-        raise IntegrityError(f"{label}: no {bfiles.MANIFEST_NAME} in the archive; fix: build it with "
-                             f"`failoverd bundle build`")
-    _, digest = parse_manifest(raw, label)
+    try:
+        _, digest = archive.peek_manifest(path, label)
+    except BundleError:
+        archive.unpack(path, None, label)  # the whole pass names every unsafe entry, which comes first
+        raise
     if expect_digest and digest != expect_digest:
         raise IntegrityError(f"{label}: {bfiles.MANIFEST_NAME} has digest {digest}, expected {expect_digest}; "
                              f"fix: this is a different bundle than the one asked for")
     base = Path(unpack_dir) if unpack_dir is not None else default_unpack_dir()
     target = base / digest
     if target.is_dir():
-        _purge_pycache(target)
+        _, whole = archive.unpack(path, None, label, expect_digest=expect_digest)  # the archive, before its cache
+        if whole != digest:
+            raise IntegrityError(f"{label}: changed while it was being read (digest {digest}, then {whole}); "
+                                 f"fix: do not replace an archive while it is in use")
         try:
             v = verify_dir(target, expect_digest=digest, label=f"{target} (unpacked from {path})")
             return Bundle(v.root, v.manifest, v.digest)
@@ -203,10 +209,11 @@ def open_bundle(path: Path, unpack_dir: Path | None = None, *, expect_digest: st
     base.mkdir(parents=True, exist_ok=True)
     tmp = base / f".tmp-{digest[:12]}-{uuid.uuid4().hex[:8]}"
     try:
-        archive.extract(path, tmp, label)
-        verify_dir(tmp, expect_digest=digest, label=str(path))
+        archive.unpack(path, tmp, label, expect_digest=expect_digest)
+        v = verify_dir(tmp, expect_digest=digest, label=str(path))
         try:
             os.rename(tmp, target)
+            return Bundle(target, v.manifest, v.digest)
         except OSError:
             if not target.is_dir():  # lost a race with another process unpacking the same bundle
                 raise

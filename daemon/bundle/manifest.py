@@ -123,8 +123,11 @@ class _Checker:
         return None
 
     def schema(self, rel: str, field: str) -> None:
-        from jsonschema.exceptions import SchemaError
-        from jsonschema.validators import validator_for
+        try:
+            from jsonschema.exceptions import SchemaError
+            from jsonschema.validators import validator_for
+        except ImportError:  # a worker in a release environment has only the compiled validator
+            validator_for = None
 
         path = self.root / rel
         try:
@@ -134,6 +137,15 @@ class _Checker:
             return
         if not isinstance(schema, dict):
             self.fail(f"{field} = {rel!r}: a JSON Schema must be an object, got {type(schema).__name__}")
+            return
+        if validator_for is None:
+            import jsonschema_rs
+
+            try:
+                jsonschema_rs.meta.validate(schema)
+            except jsonschema_rs.ValidationError as exc:
+                at = "/".join(str(p) for p in exc.instance_path) or "(root)"
+                self.fail(f"{field} = {rel!r}: not a valid JSON Schema at {at}: {exc.message}")
             return
         try:
             validator_for(schema).check_schema(schema)

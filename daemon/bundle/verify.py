@@ -1,10 +1,11 @@
 """Re-hash a built bundle and compare it with its manifest.
 
 A bundle verifies when every file its ``MANIFEST.json`` lists is present with the recorded
-size and sha256, no other file is present (litter such as ``__pycache__`` aside, see
-:mod:`daemon.bundle.files`), ``MANIFEST.json`` is canonical (its sha256 is the bundle digest)
-and agrees with ``bundle.toml``. An archive is checked by unpacking it safely into a temporary
-directory first.
+size and sha256, no other file is present (``__pycache__/`` and ``*.pyc`` included: in a built
+bundle they are code, not litter), ``MANIFEST.json`` is canonical (its sha256 is the bundle
+digest) and agrees with ``bundle.toml``. An archive is checked member by member while it is
+unpacked into a temporary directory (:func:`daemon.bundle.archive.unpack`: exactly the
+manifest's files, within the size limits), then as a directory.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Verified:
 
 def problems_of(root: Path, manifest: dict) -> list[Problem]:
     """Every difference between the files under ``root`` and ``manifest['files']``."""
-    present, others = bfiles.scan(root)
+    present, others = bfiles.scan(root, litter=True)
     present_set = set(present) - {bfiles.MANIFEST_NAME}
     found: list[Problem] = []
     for rel, entry in sorted(manifest["files"].items()):
@@ -105,5 +106,5 @@ def verify_path(path: Path) -> Verified:
     if not path.exists():
         raise BundleError(f"bundle {path}: no such file or directory; fix: pass a .fdb archive or an unpacked bundle")
     with tempfile.TemporaryDirectory(prefix="failoverd-verify-") as tmp:
-        archive.extract(path, Path(tmp) / "b", f"bundle archive {path}")
+        archive.unpack(path, Path(tmp) / "b", f"bundle archive {path}")
         return verify_dir(Path(tmp) / "b", label=str(path))

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from daemon.commands import existing_path, input_file, output_dir
-from daemon.errors import BundleError
 
 PATH_HELP = "a .fdb bundle archive (from `failoverd bundle build`) or an unpacked bundle directory"
 PATH_FIX = "pass a .fdb archive from `failoverd bundle build` or an unpacked bundle directory"
@@ -94,19 +93,14 @@ def run_verify(args) -> int:
 
 
 def _read_manifest(path: Path) -> tuple[dict, str]:
+    """The manifest alone (the archive's first member): inspecting is not verifying."""
     from daemon.bundle import archive
-    from daemon.bundle.files import MANIFEST_NAME
-    from daemon.bundle.manifest import parse_manifest, read_manifest
+    from daemon.bundle.manifest import read_manifest
 
     if path.is_dir():
         manifest, digest, _ = read_manifest(path)
         return manifest, digest
-    label = f"bundle archive {path}"
-    with archive.open_archive(path, label) as tar:
-        raw = archive.read_member(tar, archive.safe_members(tar, path, label), MANIFEST_NAME)
-    if raw is None:
-        raise BundleError(f"{label}: no {MANIFEST_NAME}; fix: build it with `failoverd bundle build`")
-    return parse_manifest(raw, label)
+    return archive.peek_manifest(path, f"bundle archive {path}")
 
 
 def run_inspect(args) -> int:
@@ -181,17 +175,36 @@ def run_try(args) -> int:
             if isinstance(result, RecordError):  # the model's own refusal: a dead letter, not a failure
                 print(json.dumps({"line": number, "key": key, "record_error": str(result)}))
                 continue
-            errors = sorted(e.message for e in validate_out.iter_errors(result.output))
+            try:  # as the engine encodes them: numpy scalars and arrays become JSON numbers and lists
+                output, state = _as_json(result.output), _as_json(result.state)
+            except TypeError as exc:  # the engine dead-letters the record (model_exception)
+                failed += 1
+                print(json.dumps({"line": number, "key": key, "output_error": [f"not JSON data: {exc}"]}))
+                continue
+            errors = sorted(e.message for e in validate_out.iter_errors(output))
             if errors:
                 failed += 1
-                print(json.dumps({"line": number, "key": key, "output_error": errors, "output": result.output}))
+                print(json.dumps({"line": number, "key": key, "output_error": errors, "output": output}))
                 continue
             if key is not None:
-                states[key] = result.state
-            print(json.dumps({"line": number, "key": key, "output": result.output, "state": result.state}))
+                states[key] = state
+            print(json.dumps({"line": number, "key": key, "output": output, "state": state}))
     finally:
         if source is not sys.stdin:
             source.close()
         if callable(getattr(model, "close", None)):
             model.close()
     return 1 if failed else 0
+
+
+def _as_json(value):
+    """``value`` as the plain JSON data the engine would write (daemon.engine.batch.encode_numpy)."""
+    import orjson
+
+    from daemon.engine.batch import encode_numpy
+
+    try:
+        orjson.dumps(value)
+        return value
+    except TypeError:
+        return encode_numpy(value)[1]

@@ -35,6 +35,10 @@ def register(sub) -> None:
                    help="how ready the standby is: hot (shadows every batch), warm (model loaded), cold (nothing "
                         "loaded) (default %(default)s)")
     p.add_argument("--bootstrap", default="127.0.0.1:9092", help="broker (default: the local one, %(default)s)")
+    p.add_argument("--ml", action="store_true",
+                   help="the real ML releases instead: fraud-ml 1.1.0 (ONNX Runtime) active, 1.0.0 (scikit-learn) "
+                        "standby, each in its own environment built from its wheels; the ONNX worker crashes, "
+                        "scikit-learn takes over, then a rollback returns to ONNX (downloads ~110 MB of wheels once)")
     p.set_defaults(func=run)
 
 
@@ -44,4 +48,6 @@ def run(args) -> int:
 
     root = find_repo_root()
     check_broker(args.bootstrap)  # before building anything: a missing broker is the usual first stumble
+    if getattr(args, "ml", False):
+        from daemon.demo_ml import MlDemo as Demo  # noqa: F811
     return asyncio.run(Demo(root, args.bootstrap, args.records, args.seed, args.standby_mode).run())

@@ -87,16 +87,12 @@ def _settings(args):
         if explicit:
             raise ConfigError(f"configuration file {path} does not exist; fix: pass an existing file to --config")
         return None
-    import daemon.config as config
+    from daemon import config
+    from daemon.bundle import archive
 
-    for name in ("load", "load_settings", "load_config"):
-        if callable(getattr(config, name, None)):
-            return getattr(config, name)(path)
-    settings_cls = config.Settings
-    for name in ("load", "from_file", "from_toml", "from_path"):
-        if callable(getattr(settings_cls, name, None)):
-            return getattr(settings_cls, name)(path)
-    raise ConfigError(f"daemon.config has no loader for {path}")  # pragma: no cover
+    settings = config.load(path)
+    archive.configure(archive.Limits(settings.registry.bundle_max_unpacked_bytes, settings.registry.bundle_max_members))
+    return settings
 
 
 def _registry(args, *, must_exist: bool = False):
@@ -172,6 +168,7 @@ def run_promote(args) -> int:
     if args.bundle is not None:
         added = registry.add(args.bundle)
         _say(args, f"added {args.bundle} as {added}")
+    _check_environment(args, registry)
     before = registry.status()[args.channel]
     release = registry.promote(args.ref, args.channel, args.reason, who=args.who,
                                check_schemas=not args.allow_incompatible_schema)
@@ -183,6 +180,24 @@ def run_promote(args) -> int:
     topic = _publish(args, release)
     _published(args, topic, {"added": added, "changed": changed, "release": release.to_dict()})
     return 0
+
+
+def _check_environment(args, registry) -> None:
+    """Build (or find) the release's own Python environment before it may go on a channel: a lock
+    that cannot be installed here refuses the promotion, naming the package (BundleError).
+    The environment goes where the daemon of this configuration looks (``<[state] directory>/envs``),
+    so the daemon starts the release without building anything."""
+    import time
+
+    from daemon.bundle import environments
+
+    settings = _settings(args)
+    envs = Path(settings.state.directory) / "envs" if settings is not None else environments.envs_dir_for(None)
+    bundle = registry.open(registry.resolve(args.ref))
+    t0 = time.monotonic()
+    env = environments.ensure_env(bundle, envs)
+    if env is not None:
+        _say(args, f"environment of {bundle.ref} ready: {env} ({time.monotonic() - t0:.1f}s)")
 
 
 def _published(args, topic: str | None, doc: dict) -> None:

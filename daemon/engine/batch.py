@@ -76,6 +76,23 @@ def make_validator(schema: dict):
     return jsonschema_rs.validator_for(schema)
 
 
+def _numpy_default(obj: Any) -> Any:
+    """What orjson's numpy support leaves out: 0-d, non-contiguous and str/object arrays."""
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"Type is not JSON serializable: {type(obj).__module__}.{type(obj).__qualname__}")
+
+
+def encode_numpy(value: Any) -> tuple[bytes, Any]:
+    """``(JSON bytes, the plain value they decode to)`` of an output or state holding numpy scalars
+    (``np.float32``, ``np.int64``, ``np.bool_``, ...) or arrays, as scikit-learn, XGBoost and ONNX
+    Runtime return them; NaN and infinities become ``null`` as orjson writes them. Only called
+    after plain ``orjson.dumps`` refused the value, so plain-Python results never pay for it.
+    TypeError for anything still not JSON data (``complex``, arbitrary objects)."""
+    encoded = orjson.dumps(value, default=_numpy_default, option=orjson.OPT_SERIALIZE_NUMPY)
+    return encoded, orjson.loads(encoded)
+
+
 def _describe_error(validator, value: Any) -> str:
     """The DLQ detail for a value ``validator.is_valid`` rejected (the slow path only)."""
     err = next(iter(validator.iter_errors(value)), None)
@@ -92,10 +109,13 @@ def _exception_text(exc: BaseException) -> str:
 class _Run:
     """One ``process`` call's working set, shared by its waves and their retries."""
 
-    __slots__ = ("items", "results", "current", "raw", "updated", "allowed", "records", "failed", "first")
+    __slots__ = ("items", "results", "current", "raw", "updated", "allowed", "records", "failed", "first",
+                 "max_output")
 
-    def __init__(self, items, results, current, raw, allowed: int, records: int) -> None:
+    def __init__(self, items, results, current, raw, allowed: int, records: int, max_output: int = 0) -> None:
         self.items = items
+        self.max_output = max_output
+        """Largest key + encoded output the output topic takes with the daemon's headers (0: no limit)."""
         self.results = results
         self.current = current
         """Decoded state by skey, as the model sees it next (the extra last slot: NO_STATE, always None)."""
@@ -134,10 +154,13 @@ class BatchProcessor:
         """The same states, encoded (a carried state's fresh copy on the retry path)."""
 
     def process(self, items: list[tuple[bytes | None, bytes, int]], states: list[bytes | None],
-                carry: list[tuple[int, int]] | tuple = ()) -> tuple[list[tuple], dict[int, bytes | None]]:
+                carry: list[tuple[int, int]] | tuple = (), max_output: int = 0
+                ) -> tuple[list[tuple], dict[int, bytes | None]]:
         """``carry``: ``(skey, previous_skey)`` pairs whose state is the one the previous call left
         for ``previous_skey`` (the daemon sends the next batch before it has stored the previous
-        batch's states; calls arrive in order)."""
+        batch's states; calls arrive in order). ``max_output``: the largest key plus encoded output
+        the output topic accepts with the daemon's headers; a larger one is that record's dead
+        letter ``output_oversized`` and leaves its key's state as it was (0: no limit)."""
         last, self._last = self._last, None  # a failing batch leaves nothing to carry
         last_raw, self._last_raw = self._last_raw, None
         loads = orjson.loads
@@ -176,7 +199,7 @@ class BatchProcessor:
                                   current[skey]))
             skeys.append(skey)
 
-        run = _Run(items, results, current, raw, self.isolation.allowed(len(records)), len(records))
+        run = _Run(items, results, current, raw, self.isolation.allowed(len(records)), len(records), max_output)
         distinct = set(skeys)
         distinct.discard(NO_STATE)
         if not records:
@@ -248,7 +271,10 @@ class BatchProcessor:
                 output = result.output
                 state = result.state
             try:
-                encoded = dumps(output)
+                try:
+                    encoded = dumps(output)
+                except TypeError:  # numpy scalars/arrays: encoded natively, validated as the JSON they become
+                    encoded, output = encode_numpy(output)
                 valid = is_valid(output)
             except (TypeError, ValueError) as exc:  # orjson: TypeError; jsonschema-rs: ValueError
                 self._dead(run, i, skey, f"output is not JSON data: {exc}", exc)
@@ -257,9 +283,21 @@ class BatchProcessor:
                 results[i] = (DLQ, "output_schema", _describe_error(output_validator, output))
                 self._restore(run, skey)
                 continue
+            if run.max_output:
+                key = run.items[i][0]
+                size = len(encoded) + (len(key) if key is not None else 0)
+                if size > run.max_output:  # the broker would refuse it, and again on every replay
+                    results[i] = (DLQ, "output_oversized", f"output of {len(encoded)} bytes (with its key {size}) "
+                                                           f"exceeds the {run.max_output} bytes the output topic "
+                                                           "accepts beside the provenance headers")
+                    self._restore(run, skey)
+                    continue
             if skey != NO_STATE:
                 try:
-                    state_bytes = dumps(state) if state is not None else None
+                    try:
+                        state_bytes = dumps(state) if state is not None else None
+                    except TypeError:  # numpy, as for outputs; the next wave sees the JSON it became
+                        state_bytes, state = encode_numpy(state)
                 except TypeError as exc:
                     self._dead(run, i, skey, f"new state is not JSON data: {exc}", exc)
                     continue

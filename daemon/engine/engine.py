@@ -31,7 +31,10 @@ from daemon.engine.partition import Partition, store_path, transactional_id
 from daemon.engine.release import LoadedRelease
 from daemon.engine.sink import BatchSink, Partitioner
 from daemon.engine.state import StateStore, changelog_key
-from daemon.errors import ReleaseFailure, WorkerCrashed
+from daemon.errors import ReleaseFailure, WorkerCrashed, WorkerOutOfMemory, WorkerTimeout
+
+_PROCESS_DEATHS = (WorkerCrashed, WorkerTimeout, WorkerOutOfMemory)
+"""Failures a single record can cause in the model process (see Engine._crash_by_record)."""
 
 log = logging.getLogger("failoverd.engine")
 
@@ -87,6 +90,12 @@ class Engine:
         """For each release that became active here: the input offset per partition where it started."""
         self.checkpoint_asap = False  # after a failover: commit the first replayed batch at once
         self.on_change: Callable[["Engine", dict], Awaitable[None]] | None = None
+        self.loader: Callable[[Path, str], Awaitable[LoadedRelease]] | None = None
+        """Loads a release's worker (the app's loader): restarts and probes after a record killed one."""
+        self._suspects: set[tuple[str, int, int]] = set()
+        """(topic, partition, offset) of the batch a worker last died or hung on."""
+        self._poison: dict[TopicPartition, dict[int, str]] = {}
+        """Records that kill the model process, by partition and offset: dead letters model_crash."""
         self.shadow = settings.failover.standby_mode == "hot"
         self.agreement = [0, 0]  # [equal, compared] outputs of the hot standby vs the active
         self.eos = bool(settings.checkpoint.exactly_once)
@@ -236,8 +245,10 @@ class Engine:
                         break
                     if self.pending_failure is not None and not self.paused:
                         exc, self.pending_failure = self.pending_failure, None
+                        # a worker found dead while a batch was in flight died on that batch
+                        failing = self._inflight[0] if self._inflight and isinstance(exc, _PROCESS_DEATHS) else None
                         await self._discard_inflight()
-                        await self._release_failed(exc)
+                        await self._release_failed(exc, failing)
                         continue
                     if data and self.paused:
                         self._unfetch(data)  # fetched before the pause took hold: read again on resume
@@ -590,8 +601,10 @@ class Engine:
             await self._discard_inflight()
             await self.rewind_all()
         except ReleaseFailure as exc:
+            # a worker that died or hung did so on the oldest batch in flight (it answers in order)
+            failing = self._inflight[0] if self._inflight and isinstance(exc, _PROCESS_DEATHS) else None
             await self._discard_inflight()
-            await self._release_failed(exc)  # rewinds; the next fetch replays from the checkpoint
+            await self._release_failed(exc, failing)  # rewinds; the next fetch replays from the checkpoint
 
     async def _discard_inflight(self) -> None:
         """Drop the batches not written yet; their records are fetched again from what was written.
@@ -637,6 +650,7 @@ class Engine:
             p = self.partitions.get(tp)
             if p is None:
                 continue
+            poison = self._poison.get(tp) if self._poison else None
             keys: dict[bytes, int] = {}
             n = 0
             first = len(b.refs)
@@ -647,6 +661,9 @@ class Engine:
                 if markers and tolerant.is_marker(r):
                     self._markers_found += 1
                     b.direct.append((p, r, "undecodable", r.headers[-1][1].decode("utf-8", "replace")))
+                    continue
+                if poison is not None and r.offset in poison:
+                    b.direct.append((p, r, "model_crash", poison[r.offset]))
                     continue
                 value = r.value
                 if value is None or len(value) > self._max_value:
@@ -688,9 +705,16 @@ class Engine:
             return None
         return b
 
+    def _max_output(self, rel: LoadedRelease) -> int:
+        """Key + encoded output bytes that surely fit the output topic beside ``rel``'s provenance
+        headers (the worker dead-letters a larger output before its state counts: output_oversized)."""
+        headers = rel.headers + [(H.H_SOURCE_TOPIC, b"t" * 249), (H.H_SOURCE_PARTITION, b"9" * 10),
+                                 (H.H_SOURCE_OFFSET, b"9" * 20)]
+        return max(1, self._limits.of(self._out_topic) - limits.record_bytes(None, b"", headers) - 10)
+
     async def _predict(self, b: "_Batch"):
         if b.shadow is None:
-            return await b.release.worker.process(b.items, b.states, b.carry)
+            return await b.release.worker.process(b.items, b.states, b.carry, self._max_output(b.release))
         return await self._predict_with_shadow(b)
 
     async def _collect(self, b: "_Batch") -> None:
@@ -812,8 +836,8 @@ class Engine:
         a slow standby must not count against the active."""
         sb = b.shadow
         active_res, standby_res = await asyncio.gather(
-            b.release.worker.process(b.items, b.states, b.carry), sb.worker.process(b.items, b.states_s, b.carry),
-            return_exceptions=True)
+            b.release.worker.process(b.items, b.states, b.carry, self._max_output(b.release)),
+            sb.worker.process(b.items, b.states_s, b.carry, self._max_output(sb)), return_exceptions=True)
         if isinstance(active_res, BaseException):
             raise active_res
         if isinstance(standby_res, BaseException):
@@ -1166,12 +1190,90 @@ class Engine:
         return written
 
     # ---- failures -------------------------------------------------------------------------------
-    async def _release_failed(self, exc: ReleaseFailure) -> bool:
-        """Abort the open interval; let the failure handler decide. True = process again."""
+    # A record can kill the model process of every release (a native crash, os._exit, a hang):
+    # failing over would only hand it to the standby, which dies on it too. So the records of
+    # the batch a worker died or hung on are remembered as suspects; when a worker dies again on
+    # a batch holding some of them (the standby, replaying), or at once when there is no standby
+    # to fail over to, a throwaway worker of the active release runs the suspects one at a time.
+    # The record it dies or hangs on is dead-lettered (model_crash) and a fresh worker of the
+    # active release goes on, without a failover. If none kills it, the release is at fault and
+    # the failure handler acts as usual.
+
+    async def _crash_by_record(self, exc: ReleaseFailure, batch: "_Batch") -> bool:
+        ids = {(r.topic, r.partition, r.offset) for r in batch.refs}
+        # nothing to fail over to (cold mode loads its standby at failover time)
+        no_standby = self.s.failover.standby_mode != "cold" and (self.standby is None or self.standby.worker.dead)
+        suspects = ids & self._suspects if self._suspects else set()
+        self._suspects = ids
+        if self.loader is None or not (suspects or no_standby):
+            return False
+        suspects = suspects or ids
+        found = await self._probe(batch, suspects)
+        if found is None:
+            return False
+        r, why = found
+        # a release that dies on any record would die on this one too: it is the record only if a
+        # fresh worker gets through the other suspects
+        others = suspects - {(r.topic, r.partition, r.offset)}
+        if others and await self._probe(batch, others) is not None:
+            return False
+        tp = TopicPartition(r.topic, r.partition)
+        self._poison.setdefault(tp, {})[r.offset] = (f"the model process of {self.active.ref} {why} on this record "
+                                                     f"alone (after: {exc})")[:900]
+        log.error("one record kills the model process: dead-lettering it instead of failing over",
+                  extra={"partition": f"{r.topic}:{r.partition}", "offset": r.offset, "release": self.active.ref,
+                         "why": why})
+        old = self.active
+        try:
+            fresh = await self.loader(old.bundle_path, "active")
+        except Exception as err:  # noqa: BLE001 - then the failure handler decides, as for any failure
+            log.error("could not restart the active release's worker", extra={"error": repr(err)})
+            return False
+        self.active = fresh
+        old.worker.kill()
+        await old.worker.close(timeout=1.0)
+        self._publish_release_info()
+        return True
+
+    async def _probe(self, batch: "_Batch", suspects: set) -> "tuple[object, str] | None":
+        """Run ``suspects`` of ``batch`` one at a time through a throwaway worker of the active
+        release; the first record its process dies or hangs on, with what happened."""
+        try:
+            probe = await self.loader(self.active.bundle_path, "probe")
+        except Exception as err:  # noqa: BLE001
+            log.error("could not start a worker to find the record at fault", extra={"error": repr(err)})
+            return None
+        try:
+            for i, r in enumerate(batch.refs):
+                if (r.topic, r.partition, r.offset) not in suspects:
+                    continue
+                key, value, skey = batch.items[i]
+                single = [(key, value, 0 if skey != NO_STATE else NO_STATE)]
+                states = [batch.states[skey]] if skey != NO_STATE else []
+                try:
+                    await probe.worker.process(single, states, ())
+                except WorkerCrashed:
+                    return r, "died"
+                except WorkerTimeout:
+                    return r, "hung"
+                except WorkerOutOfMemory:
+                    return r, "ran out of memory"
+                except ReleaseFailure:
+                    continue  # failed otherwise on it: not what killed the worker
+            return None
+        finally:
+            probe.worker.kill()
+            await probe.worker.close(timeout=1.0)
+
+    async def _release_failed(self, exc: ReleaseFailure, failing: "_Batch | None" = None) -> bool:
+        """Abort the open interval; let the failure handler decide. True = process again.
+        ``failing``: the batch a worker died or hung on, if known (see :meth:`_crash_by_record`)."""
         self.failed_at = time.monotonic()  # a failover's duration counts from here
         m.MODEL_ERRORS.labels(self.active.channel, exc.reason).inc()
         log.error("release failed", extra={"release": self.active.ref, "reason": exc.reason, "error": str(exc)})
         self.last_replay = await self.rewind_all()
+        if failing is not None and await self._crash_by_record(exc, failing):
+            return False  # one record was to blame: it is a dead letter now, the release goes on
         if self.on_failure is not None and await self.on_failure(self, exc):
             return False  # the handler switched or paused; the next fetch replays from the checkpoint
         self.failure = exc

@@ -18,11 +18,12 @@ H_CORRECTION = "fd.correction"
 H_DLQ_ORIGINAL_SIZE = "fd.dlq.original_size"
 
 DLQ_REASONS = ("bad_json", "schema", "oversized", "model_error", "output_schema", "model_exception",
-               "output_oversized", "undecodable")
+               "output_oversized", "undecodable", "model_crash")
 """Every reason a dead letter can carry (one metric label each; runbooks in docs/operations.md):
 model_exception: predict failed for that record alone (found by splitting the batch);
 output_oversized: the output is larger than the output topic or the producer accepts;
-undecodable: the Kafka client could not parse the record (e.g. a header key that is not UTF-8)."""
+undecodable: the Kafka client could not parse the record (e.g. a header key that is not UTF-8);
+model_crash: the model process died or hung on that record alone, on every release that met it."""
 
 
 def release_headers(info: dict) -> list[tuple[str, bytes]]:

@@ -1,12 +1,16 @@
 """Model workers as seen from the event loop.
 
 ``SubprocessWorker`` (default) runs the model in a child process that receives whole
-batches over a pipe; a child that exits, crashes or does not answer within the predict
-timeout is killed and reported as :class:`~daemon.errors.WorkerCrashed` or
-:class:`~daemon.errors.WorkerTimeout`. Requests may be queued: the next batch is written
-while the model still computes the previous one (answers come back in order), so the model
-never waits for the event loop; the timeout and the reported latency of a batch count from
-the moment the model could start on it.
+batches over a pipe, behind the release boundary (docs/architecture.md, "Trust boundary"):
+msgpack frames, size-limited, each reply checked (:mod:`daemon.engine.replies`); an allowlisted
+environment; its own session and process group, killed whole; resource limits
+(:class:`Boundary`). A child that exits, crashes, breaks the protocol, runs out of memory or does
+not answer within the predict timeout is killed and reported as
+:class:`~daemon.errors.WorkerCrashed`, :class:`~daemon.errors.ProtocolError`,
+:class:`~daemon.errors.WorkerOutOfMemory` or :class:`~daemon.errors.WorkerTimeout`.
+Requests may be queued: the next batch is written while the model still computes the previous
+one (answers come back in order), so the model never waits for the event loop; the timeout and
+the reported latency of a batch count from the moment the model could start on it.
 
 ``process(items, states, carry)`` returns ``(results, new_states, seconds)``; ``carry`` lists
 ``(skey, previous_skey)`` pairs whose state is the one the previous batch left (see
@@ -18,17 +22,60 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from daemon.engine import framing
+from daemon.bundle.environments import worker_python
+from daemon.engine import framing, replies
 from daemon.engine.batch import IsolationLimits
-from daemon.errors import BundleError, ReleaseFailure, WorkerCrashed, WorkerTimeout
+from daemon.errors import BundleError, ProtocolError, ReleaseFailure, WorkerCrashed, WorkerOutOfMemory, WorkerTimeout
 
 log = logging.getLogger("failoverd.worker")
+
+ENV_ALLOWED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONHASHSEED")
+"""What a worker inherits of the daemon's environment without being told (plus ``LC_*``): never
+the daemon's secrets (``FAILOVERD_*``, the admin token, Kafka credentials), nor ``NOTIFY_SOCKET``
+(a model must not speak to systemd for the daemon). ``[worker] env_passthrough`` names more."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Boundary:
+    """What a subprocess worker is allowed (``[worker]`` settings; docs/configuration.md)."""
+
+    max_frame_bytes: int = framing.DEFAULT_MAX_FRAME
+    env_passthrough: tuple[str, ...] = ()
+    memory_mb: int = 4096
+    max_open_files: int = 1024
+    max_processes: int = 0
+
+    @classmethod
+    def from_settings(cls, w) -> "Boundary":
+        return cls(max_frame_bytes=w.max_frame_bytes, env_passthrough=tuple(w.env_passthrough or ()),
+                   memory_mb=w.memory_mb, max_open_files=w.max_open_files, max_processes=w.max_processes)
+
+    def limits(self) -> dict:
+        return {"memory_mb": self.memory_mb, "max_open_files": self.max_open_files,
+                "max_processes": self.max_processes}
+
+
+_boundary = Boundary()
+
+
+def set_boundary(boundary: Boundary) -> None:
+    """The boundary of every subprocess worker started from now on (``App`` sets it from ``[worker]``)."""
+    global _boundary
+    _boundary = boundary
+
+
+def worker_environment(environ, passthrough: tuple[str, ...] = ()) -> dict[str, str]:
+    """The allowlisted part of ``environ``, plus the names the operator passes through."""
+    return {k: v for k, v in environ.items() if k in ENV_ALLOWED or k.startswith("LC_") or k in passthrough}
 
 
 class BatchFailed(ReleaseFailure):
@@ -55,38 +102,58 @@ class _Worker:
 
 
 class SubprocessWorker(_Worker):
+    """The model in a child process: its own session and process group (killed whole), a clean
+    environment, resource limits (:class:`Boundary`), and every reply checked before it is used
+    (:mod:`daemon.engine.replies`): a reply that is oversized, undecodable or not what the request
+    allows is a :class:`~daemon.errors.ProtocolError` (reason ``protocol``) and the worker is killed."""
+
     def __init__(self, bundle_path: Path, unpack_dir: Path | None, **kw) -> None:
         super().__init__(bundle_path, unpack_dir, **kw)
+        self.boundary = _boundary
         self._proc: asyncio.subprocess.Process | None = None
         self._write_lock = asyncio.Lock()
         self._read_lock = asyncio.Lock()
+        self._group_gone = False
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
     async def start(self) -> dict:
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        b = self.boundary
+        env = worker_environment(os.environ, b.env_passthrough)
+        # The release's own environment (built from its lock, cached) or the daemon's interpreter
+        # (empty lock); in a thread: a first build takes seconds (docs/bundles.md, environments).
+        runtime = await asyncio.to_thread(worker_python, self.bundle_path, self.unpack_dir, env.get("PYTHONPATH"))
+        env["PYTHONPATH"] = os.pathsep.join(runtime.pythonpath)
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "daemon.engine.worker_main", str(self.bundle_path), str(self.unpack_dir or ""),
-            str(self.isolation.max_records), repr(self.isolation.max_fraction),
+            runtime.executable, "-m", "daemon.engine.worker_main", str(self.bundle_path), str(self.unpack_dir or ""),
+            str(self.isolation.max_records), repr(self.isolation.max_fraction), json.dumps(b.limits()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
-            limit=1 << 24)
+            start_new_session=True, limit=1 << 24)
         _widen_pipes(self._proc)
         try:
-            reply = await asyncio.wait_for(framing.read_async(self._proc.stdout), self.start_timeout)
+            reply = await asyncio.wait_for(framing.read_async(self._proc.stdout, b.max_frame_bytes),
+                                           self.start_timeout)
+            kind, info = replies.check_ready(reply)
         except asyncio.TimeoutError:
             self.kill()
             raise BundleError(f"{self.label}: worker for {self.bundle_path} did not load within {self.start_timeout:.0f}s")
         except (asyncio.IncompleteReadError, ConnectionError):
             code = await self._proc.wait()
-            raise BundleError(f"{self.label}: worker for {self.bundle_path} exited with code {code} while loading")
-        if reply[0] != "ready":
+            self.kill()
+            raise BundleError(f"{self.label}: worker for {self.bundle_path} exited with code {code} while loading"
+                              f"{_signal_hint(code)}")
+        except (framing.FrameError, replies.BadReply) as exc:
+            self.dead = True
+            self.kill()
             await self._reap()
-            raise BundleError(f"{self.label}: bundle {self.bundle_path} failed to load: {reply[2]}")
-        self.info = reply[1]
+            raise BundleError(f"{self.label}: worker for {self.bundle_path} broke the protocol while loading: {exc}")
+        if kind != "ready":
+            await self._reap()
+            self.kill()
+            raise BundleError(f"{self.label}: bundle {self.bundle_path} failed to load: {info}")
+        self.info = info
         log.info("worker ready", extra={"release": f"{self.info['name']}@{self.info['version']}",
                                         "pid": self._proc.pid, "channel": self.label})
         return self.info
@@ -106,40 +173,74 @@ class SubprocessWorker(_Worker):
                 raise WorkerCrashed(f"{self.label} worker (pid {self.pid}) is gone")
             t0 = time.monotonic()  # the answer before this one was read: the worker is on ours
             try:
-                reply = await asyncio.wait_for(framing.read_async(self._proc.stdout), timeout)
+                reply = await asyncio.wait_for(framing.read_async(self._proc.stdout, self.boundary.max_frame_bytes),
+                                               timeout)
                 return reply, time.monotonic() - t0
             except asyncio.TimeoutError:
                 self.dead = True
                 self.kill()
                 raise WorkerTimeout(f"{self.label} worker (pid {self.pid}) did not answer within {timeout:.3f}s; killed")
+            except framing.FrameError as exc:
+                raise self._broke(str(exc)) from None
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError) as exc:
                 return await self._died(exc)
+
+    def _broke(self, detail: str) -> ProtocolError:
+        """The worker sent what it must not: it is killed (with its group), never read again."""
+        self.dead = True
+        self.kill()
+        log.error("worker broke the protocol; killed", extra={"channel": self.label, "pid": self.pid,
+                                                              "error": detail[:300]})
+        return ProtocolError(f"{self.label} worker (pid {self.pid}) broke the protocol: {detail}; killed")
 
     async def _died(self, exc: BaseException):
         self.dead = True
         code = await self._reap()
-        raise WorkerCrashed(f"{self.label} worker (pid {self.pid}) died (exit code {code}): "
+        self.kill()  # what the model started dies with it
+        raise WorkerCrashed(f"{self.label} worker (pid {self.pid}) died (exit code {code}{_signal_hint(code)}): "
                             f"{type(exc).__name__}") from None
 
-    async def process(self, items, states, carry=()):
-        reply, seconds = await self._call(("batch", items, states, carry), self.predict_timeout)
-        if reply[0] == "result":
-            return reply[1], reply[2], seconds
-        raise BatchFailed(f"{self.label} predict failed: {reply[2]}")
+    async def process(self, items, states, carry=(), max_output=0):
+        reply, seconds = await self._call(("batch", items, states, carry, max_output), self.predict_timeout)
+        try:
+            kind, a, b = replies.check_batch(reply, len(items), len(states))
+        except replies.BadReply as exc:
+            raise self._broke(str(exc)) from None
+        if kind == "result":
+            return a, b, seconds
+        if a == "exception":
+            raise BatchFailed(f"{self.label} predict failed: {b}")
+        if a == "oom":
+            self.dead = True
+            self.kill()
+            raise WorkerOutOfMemory(f"{self.label} worker (pid {self.pid}) ran out of memory "
+                                    f"(worker.memory_mb = {self.boundary.memory_mb}): {b[:300]}; killed")
+        raise self._broke(f"the worker refused a batch request: {b[:300]}")
 
     async def health(self) -> bool:
         try:
             reply, _ = await self._call(("health",), self.predict_timeout)
+            kind, ok = replies.check_health(reply)
+        except replies.BadReply as exc:
+            self._broke(str(exc))
+            return False
         except ReleaseFailure:
             return False
-        return reply[0] == "health" and bool(reply[1])
+        return kind == "health" and ok
 
     def kill(self) -> None:
-        if self._proc and self._proc.returncode is None:
-            try:
-                self._proc.kill()
-            except ProcessLookupError:
-                pass
+        """SIGKILL to the worker's whole process group: the worker and whatever the model started
+        (the worker leads its group; the group outlives the worker while any member is alive, so
+        this also reaches the children of a worker that already exited)."""
+        proc = self._proc
+        if proc is None or self._group_gone:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            self._group_gone = proc.returncode is not None  # nothing left of it to kill
+        except PermissionError:  # pragma: no cover - the group id was reused by another user's process
+            self._group_gone = True
 
     async def _reap(self) -> int | None:
         if self._proc is None:
@@ -151,19 +252,30 @@ class SubprocessWorker(_Worker):
             return await self._proc.wait()
 
     async def close(self, timeout: float = 5.0) -> None:
-        if self._proc is None or self._proc.returncode is not None:
+        if self._proc is None:
             return
-        if not self.dead:
+        if self._proc.returncode is None and not self.dead:
             try:
                 self._proc.stdin.write(framing.encode(("close",)))
                 await self._proc.stdin.drain()
                 self._proc.stdin.close()
                 await asyncio.wait_for(self._proc.wait(), timeout)
-                return
             except (asyncio.TimeoutError, ConnectionError, BrokenPipeError):
                 pass
-        self.kill()
-        await self._reap()
+        self.kill()  # the worker if it did not stop in time, and whatever the model left running
+        if self._proc.returncode is None:
+            await self._reap()
+
+
+def _signal_hint(code: int | None) -> str:
+    if code == -signal.SIGKILL:
+        return ", killed by SIGKILL: the kernel's OOM killer (see the kernel log and systemd MemoryMax) or kill -9"
+    if code is not None and code < 0:
+        try:
+            return f", killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return ""
+    return ""
 
 
 class InProcessWorker(_Worker):
@@ -192,7 +304,7 @@ class InProcessWorker(_Worker):
             raise BundleError(f"{self.label}: bundle {self.bundle_path} failed to load: {type(exc).__name__}: {exc}")
         return self.info
 
-    async def process(self, items, states, carry=()):
+    async def process(self, items, states, carry=(), max_output=0):
         if self.dead:
             raise WorkerCrashed(f"{self.label} in-process model is unusable after a timeout")
         loop = asyncio.get_running_loop()
@@ -200,7 +312,7 @@ class InProcessWorker(_Worker):
 
         def run():
             started.append(time.monotonic())
-            return self._processor.process(items, states, carry)
+            return self._processor.process(items, states, carry, max_output)
 
         fut = loop.run_in_executor(self._pool, run)
         while not fut.done():

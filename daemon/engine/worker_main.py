@@ -1,18 +1,91 @@
 """Entry point of a model worker subprocess:
-``python -m daemon.engine.worker_main BUNDLE UNPACK_DIR [ISOLATE_MAX_RECORDS ISOLATE_MAX_FRACTION]``.
+``python -m daemon.engine.worker_main BUNDLE UNPACK_DIR [ISOLATE_MAX_RECORDS ISOLATE_MAX_FRACTION [LIMITS_JSON]]``.
 
 Reads request frames on stdin and writes reply frames on the original stdout; the model's own
 prints go to stderr so they can never corrupt the protocol.
+
+Before anything of the release is imported, the worker applies its resource limits
+(``LIMITS_JSON``: ``memory_mb``, ``max_open_files``, ``max_processes``; 0 leaves one unchanged),
+soft and hard alike, so model code cannot raise them again. A ``MemoryError`` anywhere -- in
+``predict`` too, where the batch's poison-record isolation would otherwise take it for a record's
+fault -- ends the worker after it has answered ``("error", "oom", detail)``: the daemon fails the
+release over with reason ``worker_oom``. The worker leads its own process group (the daemon starts
+it in a new session); if the daemon goes away without closing it, the worker kills its whole
+group, so nothing a model started outlives it.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from daemon.engine import framing
+
+
+class OutOfMemory(BaseException):
+    """A MemoryError in model code, raised past every ``except Exception`` of the batch code."""
+
+
+def apply_limits(limits: dict) -> list[str]:
+    """setrlimit for the worker and everything it starts; returns what was applied, for the log.
+    RLIMIT_DATA, not RLIMIT_AS: it counts the private writable memory a process maps (heap, arenas,
+    numpy buffers, thread stacks) but not address space reserved and never made writable, which
+    numpy, OpenBLAS and ONNX Runtime reserve in large amounts (docs/configuration.md, [worker])."""
+    import resource
+
+    applied = []
+    for key, res, scale in (("memory_mb", resource.RLIMIT_DATA, 1 << 20),
+                            ("max_open_files", resource.RLIMIT_NOFILE, 1),
+                            ("max_processes", resource.RLIMIT_NPROC, 1)):
+        value = int(limits.get(key) or 0) * scale
+        if value <= 0:
+            continue
+        _, hard = resource.getrlimit(res)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)  # an unprivileged process can lower its hard limit, never raise it
+        resource.setrlimit(res, (value, value))
+        applied.append(f"{key}={value // scale}")
+    return applied
+
+
+def _kill_group() -> None:
+    """The worker and every process the model started (the worker leads its process group)."""
+    try:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(137)
+
+
+def _watch_parent(parent: int) -> None:
+    """A daemon that dies without closing the worker (kill -9) takes the worker's group with it."""
+    import time
+
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            _kill_group()
+
+
+class _Guarded:
+    """The model as BatchProcessor sees it: ``predict`` lets a MemoryError through as OutOfMemory."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def predict(self, batch):
+        try:
+            return self._model.predict(batch)
+        except MemoryError as exc:
+            raise OutOfMemory(f"MemoryError in predict: {exc}") from None
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 def main(argv: list[str]) -> int:
@@ -24,12 +97,23 @@ def main(argv: list[str]) -> int:
     def send(message) -> None:
         proto_out.write(framing.encode(message))
 
+    if os.getpid() == os.getpgrp():  # started in its own session: its group is its own to kill
+        threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    limits: dict = {}
     try:
+        limits = json.loads(argv[4]) if len(argv) > 4 else {}
+        applied = apply_limits(limits)
+        if applied:
+            print(f"worker {os.getpid()}: limits {', '.join(applied)}", file=sys.stderr)
         from daemon.engine.batch import IsolationLimits
         from daemon.engine.loading import load_processor
 
         isolation = IsolationLimits(int(argv[2]), float(argv[3])) if len(argv) > 3 else None
         processor, info = load_processor(argv[0], argv[1] if len(argv) > 1 and argv[1] else None, isolation)
+        processor.model = _Guarded(processor.model)
+    except MemoryError as exc:
+        send(("error", "load", f"MemoryError while loading (worker.memory_mb = {limits.get('memory_mb')}): {exc}"))
+        return 3
     except BaseException as exc:  # noqa: BLE001 - report any load failure to the parent
         send(("error", "load", f"{type(exc).__name__}: {exc}"))
         return 3
@@ -45,6 +129,8 @@ def main(argv: list[str]) -> int:
                     close()
                 except Exception:  # noqa: BLE001
                     traceback.print_exc()
+            if request is None and os.getpid() == os.getpgrp():
+                _kill_group()  # the daemon went away without a close: nothing of ours stays behind
             return 0
         kind = request[0]
         try:
@@ -53,7 +139,8 @@ def main(argv: list[str]) -> int:
                 # one only re-scan live records; cyclic garbage is collected between batches.
                 gc.disable()
                 try:
-                    results, states = processor.process(request[1], request[2], request[3])
+                    results, states = processor.process(request[1], request[2], request[3],
+                                                        request[4] if len(request) > 4 else 0)
                 finally:
                     gc.enable()
                 send(("result", results, states))
@@ -62,6 +149,11 @@ def main(argv: list[str]) -> int:
                 send(("health", bool(check()) if callable(check) else True))
             else:
                 send(("error", "protocol", f"unknown request {kind!r}"))
+        except (MemoryError, OutOfMemory) as exc:
+            results = states = None  # what the batch held, freed so the answer can be written
+            gc.collect()
+            send(("error", "oom", f"{type(exc).__name__}: {exc}"[:2000]))
+            return 4
         except Exception as exc:  # noqa: BLE001 - a failing batch is reported, not fatal here
             send(("error", "exception", "".join(traceback.format_exception_only(type(exc), exc)).strip()[:2000]))
 

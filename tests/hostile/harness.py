@@ -277,10 +277,14 @@ class Run:
                                  f"{tail(self.daemon.log())}") from None
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM: the daemon must exit 0 within ``timeout`` and leave no process of its session."""
+        """SIGTERM: the daemon must exit 0 within ``timeout`` and leave no process behind: none of its
+        session, and none of its model workers' sessions (each worker has one of its own)."""
+        workers = self.daemon.worker_pids_in_session()
         code = self.daemon.terminate(timeout=timeout)
         assert code == 0, f"daemon exited {code} on SIGTERM; log tail:\n{tail(self.daemon.log())}"
         left = session_processes(self.daemon.pid)
+        for worker in workers:
+            left += session_processes(worker, include_leader=True)
         if left:
             kill_pids([pid for pid, _ in left])
         assert not left, f"processes of the daemon's session survived it: {left}"
@@ -409,12 +413,16 @@ def excerpt(log: str, *patterns: str, limit: int = 12) -> str:
 
 
 # ---- processes ------------------------------------------------------------------------------------
-def session_processes(sid: int) -> list[tuple[int, str]]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,args="], capture_output=True, text=True).stdout
+def session_processes(sid: int, include_leader: bool = False) -> list[tuple[int, str]]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
     found = []
     for line in out.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) == 3 and parts[1] == str(sid) and parts[0] != str(sid):
+        parts = line.split(None, 3)
+        if len(parts) == 4 and parts[2].startswith("Z"):
+            continue  # dead, waiting to be reaped (a container's pid 1 may never reap orphans)
+        if len(parts) == 4:
+            parts = [parts[0], parts[1], parts[3]]
+        if len(parts) == 3 and parts[1] == str(sid) and (include_leader or parts[0] != str(sid)):
             found.append((int(parts[0]), parts[2][:120]))
     return found
 

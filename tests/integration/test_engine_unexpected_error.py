@@ -54,7 +54,7 @@ async def test_an_error_escaping_the_loop_after_states_were_stored_commits_nothi
     await engine.start()
     with pytest.raises(Injected):
         await engine.run()
-    assert engine.fatal is not None
+    fatal = engine.fatal
 
     d = DaemonProc(cfg, "--active-bundle", str(example_bundles["v1"]), log=tmp_path / "d.log").start()
     try:
@@ -65,3 +65,4 @@ async def test_an_error_escaping_the_loop_after_states_were_stored_commits_nothi
             d.kill9()
     inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
     streams.assert_counts_chain(outputs)
+    assert isinstance(fatal, Injected)  # the daemon exits 1 on it: a supervisor restarts it

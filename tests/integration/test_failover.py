@@ -127,13 +127,16 @@ async def test_worker_kill_fails_over_in_each_standby_mode(kafka_bootstrap, tmp_
 
 async def test_missing_standby_pauses_and_emits_nothing_from_the_bad_release(kafka_bootstrap, tmp_path,
                                                                              example_bundles):
-    names, d = await run_fault(kafka_bootstrap, tmp_path, example_bundles, fault="crash", standby=False,
+    """The release breaks for good (from the fault record on, every batch raises) and there is no
+    standby: the daemon pauses. (A record that kills the model process is that record's fault,
+    not the release's: tests/hostile record_kills_every_release, test_a_record_that_kills...)"""
+    names, d = await run_fault(kafka_bootstrap, tmp_path, example_bundles, fault="raise_all", standby=False,
                                expect_done=False)
     try:
         inputs = await _input_positions(kafka_bootstrap, names["input"])
         outputs = await kafkatools.read_committed(kafka_bootstrap, names["output"])
         dead = await kafkatools.read_committed(kafka_bootstrap, names["dlq"])
-        crash_at = min(pos for pos, raw in inputs.items() if b'"fault":"crash"' in raw)
+        crash_at = min(pos for pos, raw in inputs.items() if b'"fault":"raise_all"' in raw)
         seen = {streams.source_position(r) for r in outputs + dead}
         assert len(seen) == len(outputs) + len(dead)  # no duplicates
         # nothing at or after the poison record in its partition was emitted
@@ -147,7 +150,7 @@ async def test_missing_standby_pauses_and_emits_nothing_from_the_bad_release(kaf
 async def test_flapping_stops_at_the_cap(kafka_bootstrap, tmp_path, example_bundles):
     """Both channels run the faulty release with fail-back on: failovers stop at the cap and it pauses."""
     bundles = {"v1": example_bundles["v2"], "v2": example_bundles["v2"]}
-    names, d = await run_fault(kafka_bootstrap, tmp_path, bundles, fault="crash", expect_done=False,
+    names, d = await run_fault(kafka_bootstrap, tmp_path, bundles, fault="raise_all", expect_done=False,
                                extra_failover={"max_failovers": 3, "window_ms": 600000, "failback": True,
                                                "failback_delay_ms": 0},
                                pause_text="failover cap reached")

@@ -223,12 +223,17 @@ async def test_a_hot_standby_declaring_the_active_state_namespace_never_writes_i
     cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s",
                        group=kafkatools.unique("g"), app=kafkatools.unique("app"),
                        extra={"failover": {"standby_mode": "hot"}})
-    records = streams.transactions(2000, seed=36, n_cards=20)
-    await kafkatools.produce(kafka_bootstrap, names["input"], records)
+    records = streams.transactions(400, seed=36, n_cards=10)
     d = DaemonProc(cfg, "--active-bundle", str(example_bundles["v2"]), "--standby-bundle", str(patch_bundle),
                    log=tmp_path / "d.log").start()
     try:
-        await _run_until_done(kafka_bootstrap, names, 2000, [d])
+        await kafkatools.wait_for(lambda: d.check() and json.loads(d.get("/status")[1] or b"{}").get("standby_ready"),
+                                  timeout=60, what="the hot standby loaded")
+        # in rounds, each written before the next is fetched: every round reads its keys' states
+        # from the store (a batch right behind another would take them from the worker instead)
+        for i in range(0, len(records), 40):
+            await kafkatools.produce(kafka_bootstrap, names["input"], records[i:i + 40])
+            await _run_until_done(kafka_bootstrap, names, i + 40, [d])
         assert d.terminate() == 0
     finally:
         if d.alive():
@@ -242,3 +247,25 @@ def examples_dir():
     from tests.conftest import ROOT
 
     return ROOT / "examples" / "bundles"
+
+
+async def test_a_record_that_kills_the_model_process_is_a_dead_letter_not_a_pause(
+        kafka_bootstrap, tmp_path, example_bundles):
+    """With no standby, a record that kills the model process (SIGKILL) used to pause the daemon
+    for good, and a record that hangs it likewise. Now a throwaway worker finds the record, it
+    becomes a dead letter (model_crash), and a fresh worker of the same release goes on."""
+    from tests.integration.test_failover import run_fault
+
+    records_faults = [("crash", "died"), ("hang", "hung")]
+    for fault, verb in records_faults:
+        (tmp_path / fault).mkdir()
+        names, d = await run_fault(kafka_bootstrap, tmp_path / fault, example_bundles, fault=fault, standby=False,
+                                   total=2000, at=1000)
+        log = d.log()
+        inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
+        crash = [r for r in dead if dict(r.headers)["fd.dlq.reason"] == b"model_crash"]
+        assert len(crash) == 1, [dict(r.headers)["fd.dlq.reason"] for r in dead]
+        assert f'"fault":"{fault}"'.encode() in crash[0].value
+        assert verb in dict(crash[0].headers)["fd.dlq.detail"].decode()
+        assert "CONSUMPTION PAUSED" not in log and "FAILOVER" not in log
+        assert {release_of(r) for r in outputs} == {"2.0.0"}
