@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help install system-deps demo ml-demo test test-unit kafka-up kafka-down kafka-status bench bench-failover bench-peers bench-deps clean
+.PHONY: help install system-deps demo ml-demo typecheck test test-unit kafka-up kafka-down kafka-status bench bench-failover bench-peers bench-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -28,8 +28,19 @@ ml-demo: $(STAMP)  ## the demo with real ML releases: ONNX Runtime active, sciki
 	$(BIN)/failoverd kafka up
 	$(BIN)/failoverd demo --ml --records 6000
 
+# Types: mypy with pyproject.toml's [tool.mypy]. Interim (issue #14): the packages being made
+# --strict as the engine is restructured are left out (imports followed, their errors not
+# reported); once they are clean this becomes plain `$(BIN)/mypy` (all of daemon/).
+MYPY_PENDING := daemon/engine/% daemon/failover/% daemon/bundle/% daemon/formats/% daemon/app.py \
+                daemon/coordination.py
+MYPY_FILES   := $(filter-out $(MYPY_PENDING),$(sort $(shell find daemon -name '*.py')))
+
+typecheck: $(STAMP)  ## type-check daemon/ with mypy (pyproject.toml [tool.mypy])
+	$(BIN)/mypy --follow-imports=silent $(MYPY_FILES)
+
 # The system tools come first: `python3 -m venv` itself needs Debian's python3-venv.
-test: system-deps $(STAMP)  ## run the whole test suite against the local broker (installs tools, starts it)
+test: system-deps $(STAMP)  ## type-check, then run the whole test suite against the local broker (installs tools, starts it)
+	$(MAKE) --no-print-directory typecheck
 	$(BIN)/failoverd kafka up
 	$(BIN)/python -m pytest tests --durations=25
 

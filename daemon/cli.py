@@ -9,7 +9,8 @@ into a one-line message and an exit code, never a traceback:
          differ, the demo was not exactly once, `bundle try` met bad records), or it could not
          be done (Kafka or the admin API unreachable, unknown release, ...)
     2    usage: bad flags or arguments, a missing or unreadable file, an invalid configuration
-    3    `kafka status`: the broker is down; `dlq replay`: some dead letters could not be sent
+    3    `kafka status` / `schema-registry status`: the broker / registry is down; `dlq replay`: some
+         dead letters could not be sent
     130  interrupted (Ctrl-C)
     141  stdout was closed early (`failoverd ... | head`): the rest of the output is dropped
          quietly, as the shell reports a command killed by SIGPIPE (128 + 13)
@@ -36,6 +37,7 @@ EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE, what a shell reports for `yes | head`
 COMMANDS = [
     "run",
     "kafka",
+    "schema_registry",
     "config",
     "topics",
     "bundle",

@@ -29,16 +29,20 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from daemon import clients
 from daemon import metrics as m
-from daemon.errors import ControlTopicError
+from daemon.errors import ControlTopicError as ControlTopicError  # re-exported: readers' callers catch it here
 
 log = logging.getLogger("failoverd.control")
+
+Event = dict[str, Any]
+"""A control event: a JSON object with a ``type`` and an ``id`` (:func:`check_event`)."""
 
 RELEASE_PREFIX = "release/"
 EVENT_PREFIX = "event/"
@@ -60,7 +64,7 @@ class InvalidEvent(ValueError):
         self.reason = reason
 
 
-def check_event(value: Any) -> dict:
+def check_event(value: Any) -> Event:
     """``value`` if it is an event failoverd can act on, else :class:`InvalidEvent` saying why."""
     if not isinstance(value, dict):
         raise InvalidEvent("not_object", f"expected a JSON object, got {type(value).__name__}")
@@ -90,7 +94,7 @@ def check_event(value: Any) -> dict:
     return value
 
 
-def decode(raw: bytes) -> dict:
+def decode(raw: bytes) -> Event:
     """A record value as an event (:func:`check_event`); :class:`InvalidEvent` when it is not one."""
     try:
         value = orjson.loads(raw)
@@ -99,30 +103,24 @@ def decode(raw: bytes) -> dict:
     return check_event(value)
 
 
-def skipped(reason: str, detail: str, **where) -> None:
+def skipped(reason: str, detail: str, **where: object) -> None:
     """Log and count one control-topic record that was skipped."""
     m.CONTROL_EVENTS_SKIPPED.labels(reason).inc()
     log.warning("control topic: skipping a record failoverd cannot act on",
                 extra={"reason": reason, "detail": detail, **where})
 
 
-def client_kwargs(kafka: str | dict) -> dict:
-    """aiokafka client arguments from a bootstrap string or a dict of them."""
-    if isinstance(kafka, str):
-        return {"bootstrap_servers": kafka}
-    return dict(kafka)
+class _Release(Protocol):
+    """What :func:`release_event` needs of a :class:`daemon.registry.Release` (not imported: see _CHANNELS)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
-def _address(kwargs: dict) -> str:
-    servers = kwargs.get("bootstrap_servers")
-    return ",".join(servers) if isinstance(servers, (list, tuple)) else str(servers)
-
-
-def release_event(release) -> dict:
+def release_event(release: _Release) -> Event:
     return {"type": "release", **release.to_dict()}
 
 
-def keys_for(event: dict) -> list[str]:
+def keys_for(event: Event) -> list[str]:
     """The keys an event is published under."""
     keys = []
     if event.get("type") == "release":
@@ -131,7 +129,7 @@ def keys_for(event: dict) -> list[str]:
     return keys
 
 
-async def publish(kafka: str | dict, topic: str, event: Any, *, timeout: float = 15.0) -> dict:
+async def publish(kafka: clients.Target, topic: str, event: Event | _Release, *, timeout: float = 15.0) -> Event:
     """Publish one event (a dict with ``type``, or a Release); returns the event as published.
 
     A release goes under ``release/<channel>`` and ``event/<id>``; anything else under
@@ -139,9 +137,7 @@ async def publish(kafka: str | dict, topic: str, event: Any, *, timeout: float =
     is harmless: readers report an id once. ValueError for an event :func:`check_event` refuses;
     ControlTopicError if the broker does not acknowledge within ``timeout`` seconds.
     """
-    if not isinstance(event, dict):
-        event = release_event(event)
-    event = dict(event)
+    event = dict(event) if isinstance(event, dict) else release_event(event)
     if not event.get("type"):
         raise ValueError("a control event needs a 'type'")
     event.setdefault("id", uuid.uuid4().hex)
@@ -152,8 +148,7 @@ async def publish(kafka: str | dict, topic: str, event: Any, *, timeout: float =
     except InvalidEvent as exc:
         raise ValueError(f"refusing to publish a control event readers would skip: {exc}") from None
     value = orjson.dumps(event)
-    kw = client_kwargs(kafka)
-    producer = AIOKafkaProducer(**kw, acks="all", enable_idempotence=True)
+    producer = clients.producer(kafka)  # acks=all, idempotent
     try:
         async with asyncio.timeout(timeout):
             await producer.start()
@@ -161,7 +156,7 @@ async def publish(kafka: str | dict, topic: str, event: Any, *, timeout: float =
             await asyncio.gather(*futures)
     except (KafkaError, OSError, TimeoutError) as exc:
         raise ControlTopicError(f"could not publish {event['type']} event {event['id']} to control topic {topic!r} "
-                                f"at {_address(kw)}: {describe(exc)}; fix: check that the "
+                                f"at {clients.address(kafka)}: {describe(exc)}; fix: check that the "
                                 f"broker is reachable and the topic exists (failoverd topics)") from exc
     finally:
         await producer.stop()
@@ -171,7 +166,7 @@ async def publish(kafka: str | dict, topic: str, event: Any, *, timeout: float =
 @dataclasses.dataclass(frozen=True)
 class ControlEvent:
     key: str
-    value: dict | None
+    value: Event | None
     """The event, or None for a tombstone (the key was deleted)."""
     partition: int
     offset: int
@@ -214,13 +209,13 @@ class ControlReader:
     MISSING_GRACE_S = 3.0
     """A topic absent from the cluster's topic list this long (within ``timeout``) does not exist."""
 
-    def __init__(self, kafka: str | dict, topic: str, *, timeout: float = 30.0, probe_interval: float = 5.0,
+    def __init__(self, kafka: clients.Target, topic: str, *, timeout: float = 30.0, probe_interval: float = 5.0,
                  seen: set[str] | None = None) -> None:
-        self.kwargs = client_kwargs(kafka)
+        self.kwargs = clients.common_kwargs(kafka)
         self.topic = topic
         self.timeout = timeout
         self.probe_interval = probe_interval
-        self.state: dict[str, dict] = {}
+        self.state: dict[str, Event] = {}
         """Latest value per key (tombstoned keys removed)."""
         self.events: list[ControlEvent] = []
         """Every distinct event read so far and not in ``seen`` before, in topic order."""
@@ -235,17 +230,16 @@ class ControlReader:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     def _bootstrap(self) -> str:
-        return _address(self.kwargs)
+        return clients.address(self.kwargs)
 
     async def start(self) -> None:
         """Read the topic to its end. ControlTopicError naming what went wrong: the broker is
         unreachable, the topic does not exist, or it could not be read within ``timeout``."""
-        self._consumer = AIOKafkaConsumer(**self.kwargs, group_id=None, enable_auto_commit=False,
-                                          auto_offset_reset="earliest", isolation_level="read_committed")
+        self._consumer = clients.consumer(self.kwargs)  # read_committed, no group, from the earliest offset
         phase = "connect"
         try:
             async with asyncio.timeout(self.timeout):
@@ -254,7 +248,7 @@ class ControlReader:
                 parts = self._consumer.partitions_for_topic(self.topic)
                 absent_until = time.monotonic() + min(self.timeout, self.MISSING_GRACE_S)
                 while not parts:
-                    await self._consumer._client.force_metadata_update()  # noqa: SLF001
+                    await clients.refresh_metadata(self._consumer)
                     parts = self._consumer.partitions_for_topic(self.topic)
                     if not parts:
                         if time.monotonic() > absent_until and self.topic not in await self._consumer.topics():
@@ -294,9 +288,14 @@ class ControlReader:
         return (f"{where}: could not be read to its end within {self.timeout:g}s ({describe(exc)}); "
                 f"fix: check the broker's health, or allow more time")
 
-    async def _behind(self, tps: list[TopicPartition], end: dict) -> bool:
+    def _started(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("ControlReader used before start() or after stop()")
+        return self._consumer
+
+    async def _behind(self, tps: list[TopicPartition], end: dict[TopicPartition, int]) -> bool:
         for tp in tps:
-            if await self._consumer.position(tp) < end[tp]:
+            if await self._started().position(tp) < end[tp]:
                 return True
         return False
 
@@ -305,7 +304,7 @@ class ControlReader:
             consumer, self._consumer = self._consumer, None
             await consumer.stop()
 
-    def _apply(self, rec) -> ControlEvent | None:
+    def _apply(self, rec: ConsumerRecord[bytes, bytes]) -> ControlEvent | None:
         if rec.offset < self._next.get(rec.partition, 0):
             raise ControlTopicError(f"control topic {self.topic!r} at {self._bootstrap()}: partition "
                                     f"{rec.partition} went back to offset {rec.offset} (deleted and re-created?)")
@@ -335,24 +334,25 @@ class ControlReader:
         self.events.append(event)
         return event
 
-    def releases(self) -> dict[str, dict | None]:
+    def releases(self) -> dict[str, Event | None]:
         """The current release event of each channel, per the topic."""
         return {c: self.state.get(RELEASE_PREFIX + c) for c in _CHANNELS}
 
-    def release_events(self) -> list[dict]:
+    def release_events(self) -> list[Event]:
         """Every distinct release event read so far, in topic order."""
-        return [e.value for e in self.events if e.type == "release"]
+        return [e.value for e in self.events if e.type == "release" and e.value is not None]
 
     async def _probe(self) -> None:
         """ControlTopicError unless the broker answers and the topic is still the one being read."""
         where = f"control topic {self.topic!r} at {self._bootstrap()}"
         try:
             async with asyncio.timeout(self.timeout):
-                await self._consumer._client.force_metadata_update()  # noqa: SLF001
-                if not self._consumer.partitions_for_topic(self.topic):
+                consumer = self._started()
+                await clients.refresh_metadata(consumer)
+                if not consumer.partitions_for_topic(self.topic):
                     raise ControlTopicError(f"{where}: the topic no longer exists; fix: re-create it (compacted) "
                                             f"with `failoverd topics apply`")
-                end = await self._consumer.end_offsets(self._tps)
+                end = await consumer.end_offsets(self._tps)
         except (TimeoutError, KafkaError, OSError) as exc:
             raise ControlTopicError(f"{where}: no answer within {self.timeout:g}s ({describe(exc)}); "
                                     f"broker unreachable or topic gone") from exc

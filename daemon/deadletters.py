@@ -25,12 +25,14 @@ import dataclasses
 import getpass
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError, ProducerFenced
 
+from daemon import clients
 from daemon.control import describe
 from daemon.engine import headers as H
 from daemon.errors import ConfigError, FailoverdError
@@ -67,7 +69,7 @@ class DeadLetter:
     source_partition: int | None
     source_offset: int | None
     truncated: bool
-    replays: tuple[dict, ...] = ()
+    replays: tuple[dict[str, Any], ...] = ()
     """The replay markers of this dead letter (when, where to, by whom), oldest first."""
 
     @property
@@ -78,7 +80,7 @@ class DeadLetter:
     def replayed(self) -> bool:
         return bool(self.replays)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"dlq_partition": self.partition, "dlq_offset": self.offset, "timestamp_ms": self.timestamp_ms,
                 "reason": self.reason, "detail": self.detail, "release": self.release,
                 "source": f"{self.source_topic}:{self.source_partition}@{self.source_offset}",
@@ -90,7 +92,8 @@ class DeadLetter:
                 "replayed": list(self.replays)}
 
 
-def parse(partition: int, offset: int, timestamp_ms: int, key, value, headers) -> DeadLetter:
+def parse(partition: int, offset: int, timestamp_ms: int, key: bytes | None, value: bytes | None,
+          headers: Sequence[tuple[str, bytes]] | None) -> DeadLetter:
     """A dead-letter record as written by the engine (:func:`daemon.engine.headers.dead_letter_headers`)."""
     hs = list(headers or ())
     # the engine appends fd.dlq.reason and then only its own headers: the last reason header starts them
@@ -112,7 +115,7 @@ def parse(partition: int, offset: int, timestamp_ms: int, key, value, headers) -
                       source_offset=number(H.H_SOURCE_OFFSET), truncated=added.get(H.H_DLQ_TRUNCATED) == b"1")
 
 
-def marker_of(headers) -> tuple[int, int] | None:
+def marker_of(headers: Sequence[tuple[str, bytes]] | None) -> tuple[int, int] | None:
     """(partition, offset) of the dead letter a replay marker marks, or None for a dead letter.
 
     A marker carries no ``fd.dlq.reason``; a dead letter whose *original* headers happened to
@@ -165,43 +168,35 @@ class Selection:
                 and (self.until_ms is None or d.timestamp_ms < self.until_ms))
 
 
-def _address(kafka: dict) -> str:
-    servers = kafka.get("bootstrap_servers")
-    return ",".join(servers) if isinstance(servers, (list, tuple)) else str(servers)
-
-
-def _unreachable(topic: str, kafka: dict, exc: BaseException) -> DeadLetterTopicError:
-    return DeadLetterTopicError(f"dead-letter topic {topic!r}: broker unreachable at {_address(kafka)} "
+def _unreachable(topic: str, kafka: clients.Target, exc: BaseException) -> DeadLetterTopicError:
+    return DeadLetterTopicError(f"dead-letter topic {topic!r}: broker unreachable at {clients.address(kafka)} "
                                 f"({describe(exc)}); fix: check [kafka] bootstrap_servers in the "
                                 f"configuration and that the broker is up (`failoverd kafka status`)")
 
 
-async def read(kafka: dict, topic: str, selection: Selection, timeout: float = 30.0) -> list[DeadLetter]:
+async def read(kafka: clients.Target, topic: str, selection: Selection, timeout: float = 30.0) -> list[DeadLetter]:
     """The committed dead letters present when called (read_committed, from the beginning), selected,
     each with its replay markers. ConfigError if the topic does not exist; DeadLetterTopicError if
     the broker is unreachable or the topic cannot be read within ``timeout`` seconds."""
-    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, isolation_level="read_committed",
-                                auto_offset_reset="earliest", **kafka)
+    consumer = clients.consumer(kafka)  # read_committed, no group, from the earliest offset
     try:
         async with asyncio.timeout(timeout):
             try:
                 await consumer.start()
             except (KafkaConnectionError, OSError) as exc:
                 raise _unreachable(topic, kafka, exc) from exc
-            parts = None
-            if topic in await consumer.topics():
-                # aiokafka fills partitions_for_topic only once the topic is in its metadata (as engine.py does)
-                await consumer._client._wait_on_metadata(topic)  # noqa: SLF001
-                parts = consumer.partitions_for_topic(topic)
+            parts: set[int] = set()
+            if topic in await consumer.topics():  # asking for the metadata of a missing topic may create it
+                parts = await clients.partitions_of(consumer, topic)
             if not parts:
-                raise ConfigError(f"dead-letter topic {topic!r} does not exist at {_address(kafka)}; fix: check "
+                raise ConfigError(f"dead-letter topic {topic!r} does not exist at {clients.address(kafka)}; fix: check "
                                   f"[dead_letter] topic in the configuration (or create it: failoverd topics apply)")
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
             letters: list[DeadLetter] = []
-            replays: dict[tuple[int, int], list[dict]] = {}
+            replays: dict[tuple[int, int], list[dict[str, Any]]] = {}
             pending = {tp for tp in tps if ends[tp] > 0}
             while pending:
                 batch = await consumer.getmany(*pending, timeout_ms=500, max_records=5000)
@@ -220,12 +215,12 @@ async def read(kafka: dict, topic: str, selection: Selection, timeout: float = 3
                     if await consumer.position(tp) >= ends[tp]:
                         pending.discard(tp)
     except TimeoutError:
-        raise DeadLetterTopicError(f"dead-letter topic {topic!r} at {_address(kafka)} could not be read to its end "
-                                   f"within {timeout:g}s; fix: allow more time (--timeout SECONDS) or check the "
+        raise DeadLetterTopicError(f"dead-letter topic {topic!r} at {clients.address(kafka)} could not be read to its "
+                                   f"end within {timeout:g}s; fix: allow more time (--timeout SECONDS) or check the "
                                    f"broker's health") from None
     except KafkaError as exc:
-        raise DeadLetterTopicError(f"dead-letter topic {topic!r} at {_address(kafka)}: {describe(exc)}; fix: check "
-                                   f"the broker (`failoverd kafka status`)") from exc
+        raise DeadLetterTopicError(f"dead-letter topic {topic!r} at {clients.address(kafka)}: {describe(exc)}; fix: "
+                                   f"check the broker (`failoverd kafka status`)") from exc
     finally:
         await consumer.stop()
     found = [dataclasses.replace(d, replays=tuple(replays[(d.partition, d.offset)]))
@@ -234,7 +229,7 @@ async def read(kafka: dict, topic: str, selection: Selection, timeout: float = 3
     return found[: selection.limit] if selection.limit else found
 
 
-def _marker_doc(value: bytes | None) -> dict:
+def _marker_doc(value: bytes | None) -> dict[str, Any]:
     try:
         doc = orjson.loads(value or b"{}")
     except orjson.JSONDecodeError:
@@ -283,7 +278,7 @@ def plan(letters: Iterable[DeadLetter], *, to_topic: str | None, force: bool,
     return todo, report
 
 
-async def replay(kafka: dict, dlq_topic: str, selection: Selection, *, to_topic: str | None = None,
+async def replay(kafka: clients.Target, dlq_topic: str, selection: Selection, *, to_topic: str | None = None,
                  dry_run: bool = False, force: bool = False, timeout: float = 30.0) -> ReplayReport:
     """Send each selected dead letter's original record back (source topic and partition, or
     ``to_topic``), once: with a replay marker in the same transaction, skipping those already
@@ -294,21 +289,20 @@ async def replay(kafka: dict, dlq_topic: str, selection: Selection, *, to_topic:
                             limit=limit)
         report.replayed = todo
         return report
-    producer = AIOKafkaProducer(transactional_id=transactional_id(dlq_topic), acks="all", enable_idempotence=True,
-                                linger_ms=5, **kafka)
+    producer = clients.transactional_producer(kafka, transactional_id(dlq_topic), linger_ms=5)
     try:
         try:
             # init_transactions: fences an earlier replay of this topic and waits for its last
             # transaction to be complete, so that the read below sees all of its markers
             await _within(timeout, producer.start())
         except TimeoutError:
-            raise DeadLetterTopicError(f"dead-letter topic {dlq_topic!r} at {_address(kafka)}: the transaction "
+            raise DeadLetterTopicError(f"dead-letter topic {dlq_topic!r} at {clients.address(kafka)}: the transaction "
                                        f"coordinator did not answer within {timeout:g}s; fix: check the broker's "
                                        f"health, or allow more time (--timeout SECONDS)") from None
         except (KafkaConnectionError, OSError) as exc:
             raise _unreachable(dlq_topic, kafka, exc) from exc
         except KafkaError as exc:
-            raise DeadLetterTopicError(f"dead-letter topic {dlq_topic!r} at {_address(kafka)}: cannot start the "
+            raise DeadLetterTopicError(f"dead-letter topic {dlq_topic!r} at {clients.address(kafka)}: cannot start the "
                                        f"transactional producer {transactional_id(dlq_topic)!r} "
                                        f"({describe(exc)}); fix: the principal needs Write and Describe "
                                        f"on that transactional id") from exc
@@ -349,6 +343,9 @@ async def _send_chunk(producer: AIOKafkaProducer, dlq_topic: str, chunk: list[De
             await fut
 
 
-async def _within(timeout: float, aw):
+T = TypeVar("T")
+
+
+async def _within(timeout: float, aw: Awaitable[T]) -> T:
     async with asyncio.timeout(timeout):
         return await aw

@@ -21,9 +21,10 @@ import uuid
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import TopicPartition
+from aiokafka.admin import NewTopic
 
+from daemon import clients
 from daemon.engine import headers as H
 from daemon.errors import BrokerError, FailoverdError
 
@@ -91,7 +92,7 @@ class Demo:
         print(text, file=self.out, flush=True)
 
     async def create_topics(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = clients.admin(self.bootstrap)
         await admin.start()
         compact = {"cleanup.policy": "compact"}
         t = self.topics
@@ -156,7 +157,7 @@ port = 0
             return None
 
     async def produce(self, records) -> None:
-        p = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
+        p = clients.producer(self.bootstrap, linger_ms=5)
         await p.start()
         try:
             for i in range(0, len(records), 500):
@@ -167,13 +168,12 @@ port = 0
             await p.stop()
 
     async def read_all(self, topic: str, quiet: float = 1.0) -> list:
-        c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, isolation_level="read_committed",
-                             enable_auto_commit=False, auto_offset_reset="earliest")
+        c = clients.consumer(self.bootstrap)  # read_committed, from the earliest offset
         await c.start()
         try:
             parts = c.partitions_for_topic(topic) or set()
             while not parts:
-                await c._client.force_metadata_update()
+                await clients.refresh_metadata(c)
                 parts = c.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in parts]
             c.assign(tps)
@@ -190,6 +190,50 @@ port = 0
                     return out
         finally:
             await c.stop()
+
+    # ---- the daemon under demonstration ----------------------------------------------------------
+    def start_daemon(self, cfg: Path) -> tuple[subprocess.Popen, Path]:
+        """``failoverd run`` on the demo's config, logging to ``daemon.log`` in the run directory."""
+        log_path = self.work / "daemon.log"
+        log = open(log_path, "wb")
+        daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(cfg)], cwd=self.root,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return daemon, log_path
+
+    @staticmethod
+    def stop_daemon(daemon: subprocess.Popen) -> None:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+
+    async def wait(self, daemon: subprocess.Popen, log_path: Path, what: str, predicate,
+                   timeout: float = 300) -> dict:
+        """The daemon's /status once ``predicate`` holds for it; an error if the daemon stops first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status() or {}
+            if predicate(st):
+                return st
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise FailoverdError(f"the daemon stopped or stalled waiting for {what}; see {log_path}")
+            await asyncio.sleep(0.3)
+
+    @staticmethod
+    def committed(st: dict) -> int:
+        return sum(p.get("committed") or 0 for p in st.get("partitions", []))
+
+    @staticmethod
+    def active(st: dict) -> str | None:
+        a = st.get("active") or {}
+        return f"{a.get('name')}@{a.get('version')}" if a else None
+
+    @staticmethod
+    def both_loaded(st: dict) -> bool:
+        """Ready, with the standby loaded (a crash before it is up is a record's fault: a dead letter)."""
+        return st.get("ready") is True and bool(st.get("standby_ready"))
 
     async def run(self) -> int:
         from daemon.bundle import build
@@ -214,45 +258,24 @@ port = 0
         records = synthetic(self.n, self.seed, crash_at)
         self.say(f"3. start the daemon; stream {len(records)} records; record #{crash_at} makes 2.0.0's model "
                  f"process kill itself (SIGKILL)")
-        log_path = self.work / "daemon.log"
-        log = open(log_path, "wb")
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(cfg)], cwd=self.root,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        daemon, log_path = self.start_daemon(cfg)
         t0 = time.monotonic()
         try:
-            deadline = time.monotonic() + 120
-            while (self.status() or {}).get("ready") is not True:
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise FailoverdError(f"the daemon did not become ready; see {log_path}")
-                await asyncio.sleep(0.2)
+            await self.wait(daemon, log_path, "both releases loaded", self.both_loaded, 120)
             await self.produce(records)
             self.say("4. wait until every input is accounted for")
-            deadline = time.monotonic() + 300
-            while True:
-                st = self.status() or {}
-                done = sum(p.get("committed") or 0 for p in st.get("partitions", []))
-                if done >= len(records):
-                    break
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise FailoverdError(f"the daemon stopped or stalled at {done}/{len(records)}; see {log_path}")
-                await asyncio.sleep(0.3)
+            final = await self.wait(daemon, log_path, "every input", lambda st: self.committed(st) >= len(records))
             elapsed = time.monotonic() - t0
-            final = self.status() or {}
         finally:
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(daemon.pid, signal.SIGKILL)
+            self.stop_daemon(daemon)
         return await self.report(records, final, elapsed, log_path)
 
     async def report(self, records, status: dict, elapsed: float, log_path: Path) -> int:
         inputs = await self.read_all(self.topics["input"])
         outputs = await self.read_all(self.topics["output"])
         dead = await self.read_all(self.topics["dlq"])
-        positions = collections.Counter()
-        versions = collections.Counter()
+        positions: collections.Counter[tuple[int, int]] = collections.Counter()
+        versions: collections.Counter[str] = collections.Counter()
         for r in outputs + dead:
             h = H.as_dict(r.headers)
             positions[(int(h[H.H_SOURCE_PARTITION]), int(h[H.H_SOURCE_OFFSET]))] += 1

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import signal
-import subprocess
-import sys
 import time
 
 import orjson
@@ -29,25 +26,6 @@ ONNX, SKLEARN = "fraud-ml@1.1.0", "fraud-ml@1.0.0"
 
 
 class MlDemo(Demo):
-    async def wait(self, daemon, log_path, what: str, predicate, timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status() or {}
-            if predicate(st):
-                return st
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise FailoverdError(f"the daemon stopped or stalled waiting for {what}; see {log_path}")
-            await asyncio.sleep(0.3)
-
-    @staticmethod
-    def committed(st: dict) -> int:
-        return sum(p.get("committed") or 0 for p in st.get("partitions", []))
-
-    @staticmethod
-    def active(st: dict) -> str | None:
-        a = st.get("active") or {}
-        return f"{a.get('name')}@{a.get('version')}" if a else None
-
     async def run(self) -> int:
         from daemon.bundle import build
 
@@ -72,15 +50,10 @@ class MlDemo(Demo):
         records = synthetic(self.n, self.seed, crash_at)
         self.say(f"3. start the daemon; stream {first} records; record #{crash_at} makes the ONNX worker kill "
                  f"itself (SIGKILL)")
-        log_path = self.work / "daemon.log"
-        log = open(log_path, "wb")
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(cfg)], cwd=self.root,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        daemon, log_path = self.start_daemon(cfg)
         t0 = time.monotonic()
         try:
-            # both loaded: a crash before the standby is up would be isolated as one poison record instead
-            await self.wait(daemon, log_path, "both releases loaded", lambda st: st.get("ready") is True
-                            and (st.get("standby") or {}).get("version") == "1.0.0", 120)
+            await self.wait(daemon, log_path, "both releases loaded", self.both_loaded, 120)
             await self.produce(records[:first])
             await self.wait(daemon, log_path, f"{first} inputs", lambda st: self.committed(st) >= first
                             and self.active(st) == SKLEARN)
@@ -93,12 +66,7 @@ class MlDemo(Demo):
             final = await self.wait(daemon, log_path, "every input", lambda st: self.committed(st) >= len(records))
             elapsed = time.monotonic() - t0
         finally:
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(30)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
+            self.stop_daemon(daemon)
         code = await self.report(records, final, elapsed, log_path)
         outputs = await self.read_all(self.topics["output"])
         runtimes = collections.Counter((H.as_dict(r.headers)[H.H_RELEASE_VERSION].decode(),
@@ -115,7 +83,7 @@ class MlDemo(Demo):
 
         registry = Registry(self.work / "registry")
         deadline = time.monotonic() + timeout
-        while (registry.status()["active"] or None) is None or registry.status()["active"].ref != SKLEARN:
+        while (active := registry.status()["active"]) is None or active.ref != SKLEARN:
             if time.monotonic() > deadline:
                 raise FailoverdError("the failover was not recorded in the release log")
             time.sleep(0.2)

@@ -22,6 +22,7 @@ import time
 import uuid
 import base64
 from pathlib import Path
+from typing import Any
 
 from daemon.errors import BrokerError
 
@@ -113,7 +114,7 @@ class LocalBroker:
         except OSError:
             return False
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         pid = self.pid()
         return {
             "running": pid is not None and self.port_open(),
@@ -271,10 +272,10 @@ def _metadata_ok(bootstrap: str) -> bool:
     """True when the broker answers a metadata request (listener up and controller ready)."""
     import asyncio
 
-    from aiokafka.admin import AIOKafkaAdminClient
+    from daemon import clients  # aiokafka loads only when a broker is probed
 
     async def probe() -> bool:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        admin = clients.admin(bootstrap, request_timeout_ms=3000)
         try:
             await admin.start()
             await admin.list_topics()

@@ -56,7 +56,7 @@ class RepeatFilter(logging.Filter):
         super().__init__()
         self.window = window
         self.prefixes = prefixes
-        self._kinds: dict[tuple, list] = {}  # kind -> [time it last passed, held back since]
+        self._kinds: dict[tuple[str, int, str], list[float]] = {}  # kind -> [time it last passed, held back since]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(self.prefixes):

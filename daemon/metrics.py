@@ -25,6 +25,12 @@ PREDICT_SECONDS = Histogram("failoverd_predict_seconds", "Model predict call lat
 DEAD_LETTERS_TRUNCATED = Counter(
     "failoverd_dead_letters_truncated", "Dead letters whose value (or headers, or key) was cut to fit the "
     "dead-letter topic (original size in the fd.dlq.original_size header)", registry=REGISTRY)
+SCHEMA_REGISTRY_WAITING = Gauge(
+    "failoverd_schema_registry_waiting", "1 while a batch waits for an unavailable schema registry (its records "
+    "wait; none is dead-lettered for it)", ["channel"], registry=REGISTRY)
+SCHEMA_REGISTRY_WAIT_SECONDS = Counter(
+    "failoverd_schema_registry_wait_seconds", "Time batches spent waiting for an unavailable schema registry",
+    ["channel"], registry=REGISTRY)
 WRITES_REFUSED = Counter(
     "failoverd_writes_refused", "Record batches the broker refused (the checkpoint aborts and replays)",
     registry=REGISTRY)

@@ -52,7 +52,7 @@ class ModelContext:
     """The bundle's unpacked directory."""
     data: dict[str, Path]
     """Data files by their manifest name, as absolute paths."""
-    manifest: dict
+    manifest: dict[str, Any]
     """The whole manifest as parsed."""
 
 

@@ -31,9 +31,9 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import orjson
 
@@ -41,6 +41,9 @@ from daemon.bundle import compat
 from daemon.bundle.loader import Bundle, open_bundle
 from daemon.bundle.manifest import canonical_json
 from daemon.errors import BundleError, RegistryError
+
+if TYPE_CHECKING:
+    from daemon.clients import Target  # aiokafka loads only when a command talks to Kafka
 
 CHANNELS = ("active", "standby")
 KINDS = ("promote", "rollback", "failover")
@@ -65,11 +68,11 @@ class Release:
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: dict, where: str = "release") -> Release:
+    def from_dict(cls, doc: object, where: str = "release") -> Release:
         if not isinstance(doc, dict):
             raise RegistryError(f"{where}: expected a JSON object, got {type(doc).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -106,9 +109,9 @@ def _fsync_dir(path: Path) -> None:
 class BundleStore(Protocol):
     """Where archives live. The local directory is the one implementation; an object store could follow."""
 
-    def put(self, digest: str, archive: Path, manifest: dict) -> Path: ...
+    def put(self, digest: str, archive: Path, manifest: dict[str, Any]) -> Path: ...
     def path(self, digest: str) -> Path | None: ...
-    def manifest(self, digest: str) -> dict | None: ...
+    def manifest(self, digest: str) -> dict[str, Any] | None: ...
     def digests(self) -> list[str]: ...
 
 
@@ -116,7 +119,7 @@ class LocalBundleStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def put(self, digest: str, archive: Path, manifest: dict) -> Path:
+    def put(self, digest: str, archive: Path, manifest: dict[str, Any]) -> Path:
         """Store ``archive`` under ``digest``. Stored bytes are never replaced: the same bytes
         again is a no-op, different bytes under a stored digest are refused (RegistryError)."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -151,9 +154,10 @@ class LocalBundleStore:
         p = self.root / f"{digest}.fdb"
         return p if p.is_file() else None
 
-    def manifest(self, digest: str) -> dict | None:
+    def manifest(self, digest: str) -> dict[str, Any] | None:
         p = self.root / f"{digest}.json"
-        return orjson.loads(p.read_bytes()) if p.is_file() else None
+        doc: dict[str, Any] | None = orjson.loads(p.read_bytes()) if p.is_file() else None
+        return doc
 
     def digests(self) -> list[str]:
         return sorted(p.stem for p in self.root.glob("*.fdb")) if self.root.is_dir() else []
@@ -214,7 +218,7 @@ class Registry:
         return f"<Registry {self.path}>"
 
     @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self) -> Iterator[None]:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / ".lock", "a") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
@@ -298,7 +302,12 @@ class Registry:
             current[r.channel] = r
         return current
 
-    def history(self, at: datetime.datetime | None = None):
+    @overload
+    def history(self, at: None = None) -> list[Release]: ...
+    @overload
+    def history(self, at: datetime.datetime) -> Release | None: ...
+
+    def history(self, at: datetime.datetime | None = None) -> list[Release] | Release | None:
         """Every release in time order; with ``at``, the release active at that moment (or None)."""
         entries = self._ordered()
         if at is None:
@@ -331,13 +340,15 @@ class Registry:
         return release
 
     @staticmethod
-    def _check_args(channel: str, reason: str | None, kind: str) -> None:
+    def _check_args(channel: str, reason: str | None, kind: str) -> str:
+        """The reason, once channel, kind and reason are all valid."""
         if channel not in CHANNELS:
             raise RegistryError(f"unknown channel {channel!r}; use one of {', '.join(CHANNELS)}")
         if kind not in KINDS:
             raise RegistryError(f"unknown release kind {kind!r}; use one of {', '.join(KINDS)}")
         if not reason or not reason.strip():
             raise RegistryError("a release needs a reason (--reason TEXT): the log says why every change was made")
+        return reason
 
     def promote(self, ref: str, channel: str, reason: str, who: str | None = None, kind: str = "promote", *,
                 check_schemas: bool = True) -> Release:
@@ -350,8 +361,9 @@ class Registry:
             digest = self.resolve(ref)
             bundle = self._verified(digest, "promote")
             current = self.status()
-            if current[channel] is not None and current[channel].digest == digest:
-                return current[channel]
+            held = current[channel]
+            if held is not None and held.digest == digest:
+                return held
             active = current["active"]
             if check_schemas and kind == "promote" and active is not None and active.digest != digest:
                 try:
@@ -372,7 +384,7 @@ class Registry:
     def rollback(self, to: str | None = None, reason: str | None = None, who: str | None = None,
                  channel: str = "active") -> Release:
         """Return ``channel`` to ``to``, by default to the release it held before the current one."""
-        self._check_args(channel, reason, "rollback")
+        reason = self._check_args(channel, reason, "rollback")
         with self._locked():
             entries = [r for r in self._ordered() if r.channel == channel]
             if not entries:
@@ -397,7 +409,7 @@ class Registry:
 
     # -- agreement with the control topic ----------------------------------------------------
 
-    def apply_events(self, events: Iterable[dict]) -> list[Release]:
+    def apply_events(self, events: Iterable[dict[str, Any]]) -> list[Release]:
         """Append the release events (from the control topic) this log does not have yet; returns them.
 
         Events :func:`daemon.control.check_event` refuses are skipped, logged and counted."""
@@ -423,7 +435,7 @@ class Registry:
                 self.log.append(ordered)
             return ordered
 
-    async def sync_from_topic(self, kafka: str | dict, topic: str, timeout: float = 30.0) -> list[Release]:
+    async def sync_from_topic(self, kafka: Target, topic: str, timeout: float = 30.0) -> list[Release]:
         """Read the control topic to its end and append the releases missing here."""
         from daemon.control import ControlReader
 

@@ -81,7 +81,7 @@ class Notifier:
 
     def send(self, *assignments: str) -> bool:
         """Send ``KEY=VALUE`` lines in one datagram. True when delivered, False when disabled or lost."""
-        if not self.enabled:
+        if self.address is None:  # not enabled
             return False
         payload = "\n".join(assignments).encode()
         try:

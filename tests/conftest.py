@@ -30,6 +30,21 @@ def kafka_bootstrap() -> str:
     return f"127.0.0.1:{port}"
 
 
+@pytest.fixture(scope="session")
+def schema_registry_url():
+    """A real Schema Registry (Apicurio, in memory) of this test session, on a port of its own, started
+    and stopped through the command users run (``failoverd schema-registry up|down``); its global
+    compatibility level is set to BACKWARD (Apicurio's default is NONE, Confluent's BACKWARD)."""
+    from tests.schemareg import LocalRegistryProc
+
+    registry = LocalRegistryProc.start_new()
+    try:
+        registry.client().set_compatibility("BACKWARD")
+        yield registry.url
+    finally:
+        registry.remove()
+
+
 @pytest.fixture
 def unique_name(request):
     """A factory of topic/group names unique to this test."""

@@ -36,6 +36,7 @@ import uuid
 import zlib
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from daemon.bundle.files import MANIFEST_NAME
 from daemon.bundle.manifest import parse_manifest
@@ -140,17 +141,18 @@ class _BoundedTarInfo(tarfile.TarInfo):
     """Refuses a pax / GNU long-name header bigger than :data:`MAX_HEADER_BYTES` before tarfile
     reads it into memory (tarfile would buffer whatever size the header claims)."""
 
-    def _proc_member(self, tarfile_):
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                          tarfile.GNUTYPE_LONGLINK) and self.size > MAX_HEADER_BYTES:
             raise _LimitExceeded(f"an extended header of {self.size} bytes (at most {MAX_HEADER_BYTES} allowed)")
-        return super()._proc_member(tarfile_)
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]  # private in typeshed
+        return member
 
 
 class _Counted(io.RawIOBase):
     """The decompressed stream, counted: more than ``cap`` bytes read raises _LimitExceeded."""
 
-    def __init__(self, fileobj, cap: int) -> None:
+    def __init__(self, fileobj: Any, cap: int) -> None:
         self.fileobj = fileobj
         self.cap = cap
         self.count = 0
@@ -161,7 +163,7 @@ class _Counted(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             size = _CHUNK
-        data = self.fileobj.read(min(size, self.cap - self.count + 1))
+        data: bytes = self.fileobj.read(min(size, self.cap - self.count + 1))
         self.count += len(data)
         if self.count > self.cap:
             raise _LimitExceeded(f"more than {self.cap} bytes once decompressed")
@@ -199,7 +201,7 @@ def _damaged(path: Path, label: str, exc: BaseException) -> BundleError:
                        f"fix: rebuild or re-download it")
 
 
-def _not_an_archive(path: Path, label: str, exc: BaseException) -> BundleError:
+def _not_an_archive(path: Path, label: str, exc: BaseException | str) -> BundleError:
     return BundleError(f"{label}: {path} is not a bundle archive (gzip-compressed tar): {exc}; "
                        f"fix: pass a .fdb file from `failoverd bundle build`, or an unpacked bundle directory")
 
@@ -210,12 +212,12 @@ def _limit_error(path: Path, label: str, what: str) -> BundleError:
                        f"{ENV_MAX_BYTES} / {ENV_MAX_MEMBERS}); otherwise do not use this archive")
 
 
-def _declared(manifest: dict, manifest_size: int) -> tuple[int, int]:
+def _declared(manifest: dict[str, Any], manifest_size: int) -> tuple[int, int]:
     """(unpacked bytes, members) the manifest declares, the manifest included."""
     return sum(e["size"] for e in manifest["files"].values()) + manifest_size, len(manifest["files"]) + 1
 
 
-def _parents(files) -> set[str]:
+def _parents(files: Any) -> set[str]:
     out: set[str] = set()
     for rel in files:
         parts = rel.split("/")[:-1]
@@ -225,7 +227,7 @@ def _parents(files) -> set[str]:
 
 
 def unpack(path: Path, dest: Path | None, label: str, *, expect_digest: str | None = None,
-           limits: Limits | None = None) -> tuple[dict, str]:
+           limits: Limits | None = None) -> tuple[dict[str, Any], str]:
     """Check every member of the archive at ``path`` against its manifest, in one streaming pass;
     with ``dest`` (a directory that does not exist yet), also write the manifest and the files.
 
@@ -249,7 +251,7 @@ def unpack(path: Path, dest: Path | None, label: str, *, expect_digest: str | No
 
 
 def _unpack(path: Path, dest: Path | None, label: str, expect_digest: str | None, limits: Limits
-            ) -> tuple[dict, str]:
+            ) -> tuple[dict[str, Any], str]:
     try:
         raw_file = open(path, "rb")
     except OSError as exc:
@@ -277,14 +279,14 @@ def _unpack(path: Path, dest: Path | None, label: str, expect_digest: str | None
                 raise _damaged(path, label, exc) from None
 
 
-def _members(tar, stream: _Counted, path: Path, dest: Path | None, label: str, expect_digest: str | None,
-             limits: Limits) -> tuple[dict, str]:
+def _members(tar: tarfile.TarFile, stream: _Counted, path: Path, dest: Path | None, label: str, expect_digest: str | None,
+             limits: Limits) -> tuple[dict[str, Any], str]:
     unsafe: list[str] = []
     problems: list[str] = []
-    manifest: dict | None = None
+    manifest: dict[str, Any] | None = None
     digest = ""
     manifest_error: BundleError | None = None
-    files: dict = {}
+    files: dict[str, Any] = {}
     parents: set[str] = set()
     seen: set[str] = set()
     count = 0
@@ -381,7 +383,7 @@ def _members(tar, stream: _Counted, path: Path, dest: Path | None, label: str, e
     return manifest, digest
 
 
-def _read_exact(tar, member: tarfile.TarInfo, size: int) -> bytes:
+def _read_exact(tar: tarfile.TarFile, member: tarfile.TarInfo, size: int) -> bytes:
     fh = tar.extractfile(member)
     data = fh.read(size + 1) if fh else b""
     if len(data) != size:
@@ -397,11 +399,12 @@ def _write(target: Path, data: bytes) -> None:
     os.chmod(target, 0o644)
 
 
-def _copy(tar, member: tarfile.TarInfo, size: int, target: Path | None) -> tuple[str, int]:
+def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, size: int, target: Path | None) -> tuple[str, int]:
     """(sha256, bytes read) of a member, reading at most ``size + 1`` bytes; written to ``target`` if given."""
     h = hashlib.sha256()
     read = 0
     src = tar.extractfile(member)
+    assert src is not None, "a regular file member"  # _members passes only regular files
     out = None
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -416,13 +419,13 @@ def _copy(tar, member: tarfile.TarInfo, size: int, target: Path | None) -> tuple
             if out is not None and read <= size:
                 out.write(chunk)
     finally:
-        if out is not None:
+        if out is not None and target is not None:
             out.close()
             os.chmod(target, 0o644)
     return h.hexdigest(), read
 
 
-def peek_manifest(path: Path, label: str) -> tuple[dict, str]:
+def peek_manifest(path: Path, label: str) -> tuple[dict[str, Any], str]:
     """``(manifest, digest)`` from the first member alone (``bundle inspect``; not a verification)."""
     path = Path(path)
     try:
@@ -444,7 +447,7 @@ def peek_manifest(path: Path, label: str) -> tuple[dict, str]:
 
 
 def extract(path: Path, dest: Path, label: str, *, expect_digest: str | None = None,
-            limits: Limits | None = None) -> tuple[dict, str]:
+            limits: Limits | None = None) -> tuple[dict[str, Any], str]:
     """Verify and unpack the archive at ``path`` into ``dest`` (which must not exist yet, or be empty).
 
     Unpacks into a sibling temporary directory and renames it, so a refused archive leaves no

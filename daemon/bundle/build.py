@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from daemon.bundle import archive
 from daemon.bundle import files as bfiles
@@ -27,14 +28,14 @@ WHEELS_DIR = "wheels"
 class Built:
     path: Path
     digest: str
-    manifest: dict
+    manifest: dict[str, Any]
 
     @property
     def ref(self) -> str:
         return f"{self.manifest['bundle']['name']}@{self.manifest['bundle']['version']}"
 
 
-def _download_wheels(src: Path, spec: dict, dest: Path, label: str) -> None:
+def _download_wheels(src: Path, spec: dict[str, Any], dest: Path, label: str) -> None:
     lock = src / spec["dependencies"]["lock"]
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
            "--no-deps", "--only-binary=:all:", "--python-version", spec["bundle"]["python"],

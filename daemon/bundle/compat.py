@@ -12,18 +12,20 @@ The rule, deliberately simple (top-level properties only):
 
 from __future__ import annotations
 
+from typing import Any
 
-def _required(schema: dict) -> set[str]:
+
+def _required(schema: dict[str, Any]) -> set[str]:
     req = schema.get("required") if isinstance(schema, dict) else None
     return {r for r in req if isinstance(r, str)} if isinstance(req, list) else set()
 
 
-def _declared(schema: dict) -> set[str]:
+def _declared(schema: dict[str, Any]) -> set[str]:
     props = schema.get("properties") if isinstance(schema, dict) else None
     return set(props) if isinstance(props, dict) else set()
 
 
-def incompatibilities(current_input: dict, current_output: dict, new_input: dict, new_output: dict) -> list[str]:
+def incompatibilities(current_input: dict[str, Any], current_output: dict[str, Any], new_input: dict[str, Any], new_output: dict[str, Any]) -> list[str]:
     """One line per rule the new schemas break (empty: compatible)."""
     problems = []
     undeclared = sorted(_required(new_input) - _declared(current_input))

@@ -18,8 +18,8 @@ share one environment; it survives restarts.
   releases with one lock starting at once build it once); leftovers of a crashed build are
   removed by the next build under the same lock.
 * **The worker runtime.** The worker (``daemon.engine.worker_main``: framing, batch, loading,
-  the model protocol, the bundle loader) needs the ``daemon`` package and three compiled
-  packages: orjson, jsonschema_rs and msgpack. They reach every environment through a *runtime
+  the model protocol, the bundle loader) needs the ``daemon`` package and four compiled
+  packages: orjson, jsonschema_rs, msgpack and fastavro (the Avro format). They reach every environment through a *runtime
   directory* ``<envs>/runtime-<key>/`` of symlinks to exactly those packages in the daemon's own
   installation, put on the worker's ``PYTHONPATH``. Nothing else of the daemon's dependency set
   (aiokafka, aiohttp, prometheus_client, ...) is importable in a release's worker, and nothing
@@ -52,6 +52,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from daemon.bundle.lock import Pin, normalize_version, parse_lock
 from daemon.errors import BundleError
@@ -60,7 +61,7 @@ log = logging.getLogger("failoverd.bundle")
 
 MARKER = "failoverd-env.json"
 """Written into an environment when it is whole and checked; names the lock it was built from."""
-RUNTIME_DISTS = ("orjson", "jsonschema_rs", "msgpack")
+RUNTIME_DISTS = ("orjson", "jsonschema_rs", "msgpack", "fastavro")
 """The compiled packages the worker runtime imports (besides ``daemon`` itself)."""
 BUILD_TIMEOUT_S = 900.0
 """One install step may take this long (a cold download of big wheels from an index)."""
@@ -98,17 +99,17 @@ def lock_digest(pins: list[Pin]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def pins_of(bundle) -> list[Pin]:
+def pins_of(bundle: Any) -> list[Pin]:
     return parse_lock(bundle.lock_path, bundle.label)
 
 
-def env_key(bundle) -> str | None:
+def env_key(bundle: Any) -> str | None:
     """``<lockdigest16>-py<XY>``, or None for an empty lock (the daemon's interpreter runs it)."""
     pins = pins_of(bundle)
     return f"{lock_digest(pins)[:16]}-{PY_TAG}" if pins else None
 
 
-def serving(bundle) -> bool:
+def serving(bundle: Any) -> bool:
     """True when this process runs in the release environment built from ``bundle``'s lock.
 
     Used by :meth:`Bundle.check_environment`, which then has nothing to check (the environment
@@ -167,7 +168,7 @@ def _base_python() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
-def _build(bundle, pins: list[Pin], key: str, envs: Path, target: Path) -> None:
+def _build(bundle: Any, pins: list[Pin], key: str, envs: Path, target: Path) -> None:
     tmp = envs / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     label = bundle.label
     lock_rel = bundle.manifest["dependencies"]["lock"]
@@ -226,17 +227,17 @@ class _Locked:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def __enter__(self):
+    def __enter__(self) -> "_Locked":
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
 
-def ensure_env(bundle, envs: Path) -> Path | None:
+def ensure_env(bundle: Any, envs: Path) -> Path | None:
     """The checked environment of ``bundle``'s lock, built if needed; None for an empty lock.
 
     BundleError (naming the package, with the fix) when it cannot be built or does not check."""
@@ -283,7 +284,7 @@ def _runtime_entries() -> dict[str, Path]:
             top = f.parts[0]
             if top.endswith((".dist-info", ".data")) or top in ("..", "__pycache__") or top.endswith(".pth"):
                 continue
-            path = Path(dist.locate_file(top))
+            path = Path(str(dist.locate_file(top)))
             if path.exists():
                 entries[top] = path
     return entries

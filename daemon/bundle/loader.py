@@ -16,6 +16,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 from daemon.bundle import archive
 from daemon.bundle import files as bfiles
@@ -41,7 +42,7 @@ def default_unpack_dir() -> Path:
 class Bundle:
     """A verified, unpacked bundle."""
 
-    def __init__(self, root: Path, manifest: dict, digest: str) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], digest: str) -> None:
         self.root = Path(root).resolve()
         self.manifest = manifest
         self.digest = digest
@@ -53,8 +54,8 @@ class Bundle:
         self.state_schema_version: int = b["state_schema_version"]
         self.code_dir = self.root / b["code"]
         self.data: dict[str, Path] = {k: self.root / v for k, v in manifest["data"].items()}
-        self.input_schema: dict = self._json(manifest["schemas"]["input"])
-        self.output_schema: dict = self._json(manifest["schemas"]["output"])
+        self.input_schema: dict[str, Any] = self._json(manifest["schemas"]["input"])
+        self.output_schema: dict[str, Any] = self._json(manifest["schemas"]["output"])
         self.lock_path = self.root / manifest["dependencies"]["lock"]
         wheels = manifest["dependencies"].get("wheels")
         self.wheels_dir: Path | None = self.root / wheels if wheels else None
@@ -70,8 +71,9 @@ class Bundle:
     def __repr__(self) -> str:
         return f"<Bundle {self.ref} {self.digest[:12]} at {self.root}>"
 
-    def _json(self, rel: str) -> dict:
-        return json.loads((self.root / rel).read_text(encoding="utf-8"))
+    def _json(self, rel: str) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads((self.root / rel).read_text(encoding="utf-8"))
+        return doc
 
     def check_environment(self) -> None:
         """BundleError listing every way the running Python and installed packages miss the lock.
@@ -128,7 +130,7 @@ class Bundle:
                               f"fix: implement the model protocol (docs/bundles.md)")
         return model
 
-    def _import(self, module_name: str, rel_file: str):
+    def _import(self, module_name: str, rel_file: str) -> Any:
         code = str(self.code_dir)
         others = [d for d in _CODE_DIRS if d != code]
         for d in others:

@@ -10,7 +10,7 @@
     state_schema_version = 1             # bump when the shape of per-key state changes
     # code = "code"                      # optional: the directory added to sys.path
 
-    [schemas]                            # JSON Schema files (any draft; latest when no $schema)
+    [schemas]                            # JSON Schema files (any draft; latest when no $schema), or Avro (.avsc)
     input = "schemas/input.json"
     output = "schemas/output.json"
 
@@ -89,7 +89,7 @@ class _Checker:
     def fail(self, msg: str) -> None:
         self.errors.append(msg)
 
-    def string(self, table: dict, section: str, key: str, pattern: re.Pattern | None, example: str) -> str | None:
+    def string(self, table: dict[str, Any], section: str, key: str, pattern: re.Pattern[str] | None, example: str) -> str | None:
         value = table.get(key)
         if not isinstance(value, str) or not value:
             self.fail(f"[{section}] {key} must be a non-empty string (got {value!r}); e.g. {key} = {example}")
@@ -123,11 +123,14 @@ class _Checker:
         return None
 
     def schema(self, rel: str, field: str) -> None:
+        if rel.endswith(".avsc"):
+            self.avro_schema(rel, field)
+            return
         try:
             from jsonschema.exceptions import SchemaError
             from jsonschema.validators import validator_for
         except ImportError:  # a worker in a release environment has only the compiled validator
-            validator_for = None
+            validator_for = None  # type: ignore[assignment]
 
         path = self.root / rel
         try:
@@ -153,6 +156,26 @@ class _Checker:
             at = "/".join(str(p) for p in exc.path) or "(root)"
             self.fail(f"{field} = {rel!r}: not a valid JSON Schema at {at}: {exc.message}")
 
+    def avro_schema(self, rel: str, field: str) -> None:
+        """An ``.avsc``: JSON that fastavro parses as an Avro record schema (values are records: the
+        model sees each as a dict). Named types it references must be defined in the same file."""
+        from daemon.formats.avro import parse
+
+        path = self.root / rel
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            self.fail(f"{field} = {rel!r}: {path} is not JSON: {exc}")
+            return
+        if not isinstance(schema, dict) or schema.get("type") != "record":
+            self.fail(f"{field} = {rel!r}: an Avro schema for record values must be a record "
+                      f"({{\"type\": \"record\", \"name\": ..., \"fields\": [...]}}), got {str(schema)[:80]}")
+            return
+        try:
+            parse(schema)
+        except Exception as exc:  # noqa: BLE001 - fastavro raises several kinds for a bad schema
+            self.fail(f"{field} = {rel!r}: not a valid Avro schema: {type(exc).__name__}: {exc}"[:500])
+
     def entrypoint(self, entrypoint: str, code: str) -> None:
         module = entrypoint.split(":", 1)[0]
         base = self.root / code / Path(*module.split("."))
@@ -162,7 +185,7 @@ class _Checker:
                       f"expected {rel}.py or {rel}/__init__.py")
 
 
-def load_spec(root: Path) -> dict:
+def load_spec(root: Path) -> dict[str, Any]:
     """Parse and check ``root/bundle.toml``; the manifest without ``files``/``format``.
 
     Raises BundleError naming the bundle, ``bundle.toml`` and every problem with its fix.
@@ -187,7 +210,7 @@ def load_spec(root: Path) -> dict:
     for key in doc:
         if key not in _SECTIONS and key not in _OPTIONAL_SECTIONS:
             c.fail(f"unknown section [{key}]; known: " + ", ".join(sorted([*_SECTIONS, *_OPTIONAL_SECTIONS])))
-    tables: dict[str, dict] = {}
+    tables: dict[str, dict[str, Any]] = {}
     for section, (required, optional) in _SECTIONS.items():
         table = doc.get(section)
         if not isinstance(table, dict):
@@ -261,7 +284,7 @@ def load_spec(root: Path) -> dict:
     return {"bundle": spec_bundle, "schemas": schemas, "data": data, "dependencies": deps, "metadata": metadata}
 
 
-def read_manifest(root: Path, label: str | None = None) -> tuple[dict, str, bytes]:
+def read_manifest(root: Path, label: str | None = None) -> tuple[dict[str, Any], str, bytes]:
     """(manifest, digest, raw bytes) of ``root/MANIFEST.json``; errors if absent or not canonical."""
     path = Path(root) / bfiles.MANIFEST_NAME
     label = label or f"bundle at {root}"
@@ -273,7 +296,7 @@ def read_manifest(root: Path, label: str | None = None) -> tuple[dict, str, byte
     return parse_manifest(raw, label) + (raw,)
 
 
-def parse_manifest(raw: bytes, label: str) -> tuple[dict, str]:
+def parse_manifest(raw: bytes, label: str) -> tuple[dict[str, Any], str]:
     """(manifest, digest) from MANIFEST.json bytes."""
     try:
         manifest = orjson.loads(raw)
@@ -294,7 +317,7 @@ def parse_manifest(raw: bytes, label: str) -> tuple[dict, str]:
     return manifest, bfiles.digest_bytes(raw)
 
 
-def spec_of(manifest: dict) -> dict:
+def spec_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The part of a manifest that comes from bundle.toml (for the consistency check)."""
     deps = {k: v for k, v in manifest.get("dependencies", {}).items() if k != "wheels"}
     return {"bundle": manifest.get("bundle"), "schemas": manifest.get("schemas"), "data": manifest.get("data"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from daemon.bundle import archive
 from daemon.bundle import files as bfiles
@@ -40,7 +41,7 @@ class Problem:
 @dataclasses.dataclass(frozen=True)
 class Verified:
     root: Path
-    manifest: dict
+    manifest: dict[str, Any]
     digest: str
 
     @property
@@ -49,7 +50,7 @@ class Verified:
         return f"{b['name']}@{b['version']}"
 
 
-def problems_of(root: Path, manifest: dict) -> list[Problem]:
+def problems_of(root: Path, manifest: dict[str, Any]) -> list[Problem]:
     """Every difference between the files under ``root`` and ``manifest['files']``."""
     present, others = bfiles.scan(root, litter=True)
     present_set = set(present) - {bfiles.MANIFEST_NAME}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from daemon.commands import existing_path, input_file, output_dir
 
@@ -133,6 +134,7 @@ def run_try(args) -> int:
     from jsonschema.validators import validator_for
 
     from daemon.bundle.loader import open_bundle
+    from daemon.formats.avro import AvroValidator
     from daemon.model import Record, RecordError, normalize
 
     _bundle_path(args.path)
@@ -142,11 +144,13 @@ def run_try(args) -> int:
         output_dir("--unpack-dir", args.unpack_dir)
     bundle = open_bundle(args.path, args.unpack_dir)
     bundle.check_environment()
-    model = bundle.instantiate()
+    model: Any = bundle.instantiate()  # a release's model: predict(); warm_up() and close() optional
     if callable(getattr(model, "warm_up", None)):
         model.warm_up()
-    validate_in = validator_for(bundle.input_schema)(bundle.input_schema)
-    validate_out = validator_for(bundle.output_schema)(bundle.output_schema)
+    validate_in, validate_out = (
+        AvroValidator(schema) if bundle.manifest["schemas"][side].endswith(".avsc")  # .avsc: JSON records checked
+        else validator_for(schema)(schema)                                           # against the Avro schema
+        for side, schema in (("input", bundle.input_schema), ("output", bundle.output_schema)))
     source = open(args.input, encoding="utf-8", errors="replace") if args.input else sys.stdin
     states: dict = {}
     failed = 0

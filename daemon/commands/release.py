@@ -134,7 +134,7 @@ def _publish(args, release, extra: dict | None = None) -> str | None:
     if args.no_publish:
         return None
     kwargs, topic, why_not = _kafka_target(args)
-    if kwargs is None:
+    if kwargs is None or topic is None:
         print(f"note: not published to a control topic: {why_not}", file=sys.stderr)
         return None
     from daemon.control import publish, release_event
@@ -169,6 +169,8 @@ def run_promote(args) -> int:
         added = registry.add(args.bundle)
         _say(args, f"added {args.bundle} as {added}")
     _check_environment(args, registry)
+    if not args.allow_incompatible_schema:
+        _check_output_subject(args, registry)
     before = registry.status()[args.channel]
     release = registry.promote(args.ref, args.channel, args.reason, who=args.who,
                                check_schemas=not args.allow_incompatible_schema)
@@ -198,6 +200,16 @@ def _check_environment(args, registry) -> None:
     env = environments.ensure_env(bundle, envs)
     if env is not None:
         _say(args, f"environment of {bundle.ref} ready: {env} ({time.monotonic() - t0:.1f}s)")
+
+
+def _check_output_subject(args, registry) -> None:
+    """An Avro output schema must be compatible with the output topic's subject in the schema
+    registry (daemon/formats/compat.py); RegistryError with the registry's reason if not."""
+    from daemon.formats.compat import check_output_schema
+
+    note = check_output_schema(_settings(args), registry.open(registry.resolve(args.ref)))
+    if note:
+        _say(args, note)
 
 
 def _published(args, topic: str | None, doc: dict) -> None:
@@ -262,7 +274,7 @@ def run_history(args) -> int:
 def run_sync(args) -> int:
     registry = _registry(args)
     kwargs, topic, why_not = _kafka_target(args)
-    if kwargs is None:
+    if kwargs is None or topic is None:
         raise ConfigError(f"cannot sync: {why_not}")
     new = asyncio.run(registry.sync_from_topic(kwargs, topic))
     if args.json:

@@ -177,9 +177,13 @@ def _skipped(reason: str) -> float:
 
 
 class _Engine:
-    """What the watcher hands changes to (the engine's pending_change attribute)."""
+    """What the watcher hands changes to (the engine's request_change)."""
 
     pending_change: dict | None = None
+
+    def request_change(self, change: dict, *, replace: bool = True) -> bool:
+        self.pending_change = change
+        return True
 
 
 class _Controller:

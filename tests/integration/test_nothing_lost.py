@@ -76,7 +76,7 @@ async def test_an_output_larger_than_the_topic_accepts_is_a_dead_letter(kafka_bo
     inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
     assert dead, "every output of 2.0.0 is over 400 bytes with its provenance headers"
     detail = dict(dead[0].headers)["fd.dlq.detail"].decode()
-    assert "exceeds the 400 bytes" in detail, detail
+    assert "output of" in detail and "exceeds" in detail, detail
     assert all(dict(r.headers)["fd.dlq.reason"] == b"output_oversized" for r in dead)
     assert "FAILOVER" not in d.log()
 
@@ -97,7 +97,8 @@ async def test_a_rebalance_while_paused_skips_no_record(kafka_bootstrap, tmp_pat
                                  state_dir=tmp_path / f"s{n}", registry=registry_dir, group=group, app=app,
                                  extra=extra) for n in ("a", "b"))
     cli("release", "promote", "fraud-scorer@2.0.0", "--channel", "active", "--reason", "v2", "--config", str(cfg_a))
-    records = with_faults(streams.transactions(6000, seed=33, n_cards=30), "crash", 1000)
+    # the release breaks for good at record 1000 (every batch raises from there): with no standby, a pause
+    records = with_faults(streams.transactions(6000, seed=33, n_cards=30), "raise_all", 1000)
     await kafkatools.produce(kafka_bootstrap, names["input"], records[:2000])
     a = DaemonProc(cfg_a, log=tmp_path / "a.log").start()
     b = None

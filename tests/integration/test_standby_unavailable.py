@@ -91,8 +91,9 @@ async def test_broken_standby_does_not_block_the_active(kafka_bootstrap, tmp_pat
         assert code == 200 and b"standby unavailable" in body, body
         assert re.search(rf"standby failed to load.*{BROKEN}", d.log()), d.log()[-3000:]
 
-        # the active fails with no standby to take over: it pauses (as with none), it does not crash
-        crash = with_faults(streams.transactions(200, seed=6, n_cards=20), "crash", at=100)
+        # the active fails (for good: every batch raises) with no standby to take over: it pauses
+        # (as with none), it does not crash. (A record that crashes the model is a dead letter.)
+        crash = with_faults(streams.transactions(200, seed=6, n_cards=20), "raise_all", at=100)
         await kafkatools.produce(kafka_bootstrap, names["input"], crash)
         await kafkatools.wait_for(lambda: d.check() and "no healthy standby" in d.log(), timeout=30,
                                   what="a pause for want of a standby")
@@ -149,7 +150,7 @@ async def test_pause_for_want_of_a_standby_ends_when_the_retried_standby_loads(k
                            standby_bundle(tmp_path, "late", marker), "sb-late")
     try:
         total, at = 1200, 600
-        records = with_faults(streams.transactions(total, seed=9, n_cards=30), "crash", at=at)
+        records = with_faults(streams.transactions(total, seed=9, n_cards=30), "raise_all", at=at)
         await kafkatools.produce(kafka_bootstrap, names["input"], records[:at])
         await kafkatools.wait_for(lambda: d.check() and _count_committed(kafka_bootstrap, names, at), timeout=60,
                                   interval=0.3, what="records before the fault, served by the active alone")

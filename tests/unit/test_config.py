@@ -228,6 +228,38 @@ def test_unknown_env_override_suggests_the_variable(tmp_path):
     assert "did you mean FAILOVERD_KAFKA__BOOTSTRAP_SERVERS?" in message
 
 
+def test_a_choice_in_the_wrong_case_suggests_the_right_one(tmp_path):
+    path = write(tmp_path, MINIMAL + '[failover]\nstandby_mode = "HOT"\n')
+    assert load_error(path) == (f'{path}: failover.standby_mode = "HOT" is invalid: expected one of hot, warm, '
+                                'cold (did you mean "hot"?)')
+
+
+def test_a_topic_with_two_roles_is_refused(tmp_path):
+    path = write(tmp_path, MINIMAL.replace('topic = "out"', 'topic = "in-b"'))
+    assert load_error(path) == (f'{path}: output.topic = "in-b" is invalid: expected a topic of its own: "in-b" is '
+                                'already inputs.topics; each topic has exactly one role')
+    # also when another key is wrong at the same time, and when the clash comes from the environment
+    message = load_error(write(tmp_path, MINIMAL + "[metrics]\nport = -1\n"),
+                         env={"FAILOVERD_REGISTRY__CONTROL_TOPIC": "dlq"})
+    assert "metrics.port = -1 is out of range" in message
+    assert ('registry.control_topic = "dlq" (from environment variable FAILOVERD_REGISTRY__CONTROL_TOPIC) is '
+            'invalid: expected a topic of its own: "dlq" is already dead_letter.topic') in message
+
+
+def test_topic_roles_come_from_one_table(tmp_path):
+    from daemon import topics
+
+    settings = config.load(write(tmp_path, MINIMAL), env={})
+    assert tuple(settings.topics_by_role()) == topics.ROLES == tuple(r.role for r in config.TOPIC_ROLES)
+    for role in config.TOPIC_ROLES:
+        section, key = role.field.split(".")
+        assert key in {f.name for f in dataclasses.fields(config.SECTIONS[section])}
+        assert topics.ROLE_FIELDS[role.role] == role.field
+    assert settings.topics_by_role()["input"] == ("in-a", "in-b")
+    assert settings.topics_by_role()["control"] == (settings.registry.control_topic,)
+    assert topics.COMPACTED_ROLES == ("changelog", "checkpoint", "control")
+
+
 def test_every_problem_is_reported_at_once(tmp_path):
     path = write(tmp_path, MINIMAL + "[checkpoint]\ninterval_ms = -1\n[metrics]\nport = 1e9\n[kafak]\n")
     lines = load_error(path).splitlines()

@@ -459,7 +459,8 @@ def test_compose_schema_catches_mistakes():
 def test_compose_wiring():
     doc = load_compose()
     svc = doc["services"]
-    assert set(svc) == {"kafka", "topics", "failoverd", "prometheus", "grafana"}
+    assert set(svc) == {"kafka", "topics", "failoverd", "prometheus", "grafana", "schema-registry"}
+    assert svc["schema-registry"]["image"].startswith("apicurio/apicurio-registry:3.")
     assert svc["kafka"]["image"].startswith("apache/kafka:4.")
     assert svc["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert "healthcheck" in svc["kafka"]

@@ -1,0 +1,296 @@
+"""The sections of the configuration file, one frozen dataclass each, and :data:`SECTIONS`.
+
+A field's annotation says how its value is parsed and :func:`~daemon.config.fields.key` which
+values are valid; ``_cross_problems`` checks keys against each other. docs/configuration.md lists
+every key (tests/unit/test_docs.py keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import ssl
+import typing
+from pathlib import Path
+from typing import Any
+
+from daemon.config.fields import (
+    APP_NAME, ENV_NAME, ENV_PREFIX, NO_VALUE, SASL_MECHANISMS, SECURITY_PROTOCOLS, TOPIC, Problem, Section,
+    host_port, key, show,
+)
+from daemon.errors import ConfigError
+
+FORMATS = ("json", "avro")
+"""``[inputs] format`` / ``[output] format`` (daemon.formats.FORMATS)."""
+SR_LEVELS = ("BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE", "NONE",
+             "REGISTRY")
+"""``[schema_registry] compatibility`` (daemon.formats.compat.LEVELS)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KafkaSettings(Section):
+    SECTION: typing.ClassVar[str] = "kafka"
+
+    bootstrap_servers: tuple[str, ...] = key(("127.0.0.1:9092",), check=host_port)
+    client_id: str = key("failoverd")
+    group_id: str = key("failoverd")
+    group_instance_id: str | None = key(None)
+    session_timeout_ms: int = key(10000, min=1)
+    heartbeat_interval_ms: int = key(3000, min=1)
+    security_protocol: str = key("PLAINTEXT", choices=SECURITY_PROTOCOLS)
+    sasl_mechanism: str | None = key(None, choices=SASL_MECHANISMS)
+    sasl_plain_username: str | None = key(None)
+    sasl_plain_password: str | None = key(None, secret=True)
+    sasl_kerberos_service_name: str = key("kafka")
+    ssl_cafile: str | None = key(None, path=True)
+    ssl_certfile: str | None = key(None, path=True)
+    ssl_keyfile: str | None = key(None, path=True)
+    ssl_password: str | None = key(None, secret=True)
+    request_timeout_ms: int = key(40000, min=1)
+
+    def _cross_problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            out.append(Problem("kafka.heartbeat_interval_ms", self.heartbeat_interval_ms,
+                               f"expected less than kafka.session_timeout_ms ({self.session_timeout_ms}); "
+                               "Kafka recommends at most a third of it"))
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and self.sasl_mechanism is None:
+            out.append(Problem("kafka.sasl_mechanism", NO_VALUE,
+                               f"expected one of {', '.join(SASL_MECHANISMS)} because "
+                               f"kafka.security_protocol = {show(self.security_protocol)}", "is missing"))
+        if not sasl and self.sasl_mechanism is not None:
+            out.append(Problem("kafka.sasl_mechanism", self.sasl_mechanism,
+                               f"is only used with SASL; set kafka.security_protocol to SASL_PLAINTEXT or "
+                               f"SASL_SSL (it is {show(self.security_protocol)}) or remove the key", "is ignored"))
+        if sasl and self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            for name in ("sasl_plain_username", "sasl_plain_password"):
+                if getattr(self, name) is None:
+                    out.append(Problem(f"kafka.{name}", NO_VALUE,
+                                       f"expected a string because kafka.sasl_mechanism = {show(self.sasl_mechanism)}",
+                                       "is missing"))
+        return out
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by aiokafka's AIOKafkaConsumer, AIOKafkaProducer and AIOKafkaAdminClient."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": list(self.bootstrap_servers),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.security_protocol.startswith("SASL_"):
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            if self.sasl_mechanism == "GSSAPI":
+                kwargs["sasl_kerberos_service_name"] = self.sasl_kerberos_service_name
+            else:
+                if self.sasl_plain_username is not None:
+                    kwargs["sasl_plain_username"] = self.sasl_plain_username
+                if self.sasl_plain_password is not None:
+                    kwargs["sasl_plain_password"] = self.sasl_plain_password
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            kwargs["ssl_context"] = self.ssl_context()
+        return kwargs
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """An ``ssl.SSLContext`` from the ssl_* keys (aiokafka.helpers.create_ssl_context)."""
+        from aiokafka.helpers import create_ssl_context
+
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"kafka.{name} = {show(value)} does not exist: expected a readable PEM file")
+        try:
+            context: ssl.SSLContext = create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile,
+                                                         keyfile=self.ssl_keyfile, password=self.ssl_password)
+            return context
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"kafka.ssl_*: cannot build the TLS context from ssl_cafile={show(self.ssl_cafile)}, "
+                              f"ssl_certfile={show(self.ssl_certfile)}, ssl_keyfile={show(self.ssl_keyfile)}: "
+                              f"{exc}") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class AppSettings(Section):
+    SECTION: typing.ClassVar[str] = "app"
+
+    name: str = key("failoverd", pattern=APP_NAME, pattern_text="a name of letters, digits, '.', '_' or '-'")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputsSettings(Section):
+    SECTION: typing.ClassVar[str] = "inputs"
+
+    topics: tuple[str, ...] = key(example=["model-input"], **TOPIC)
+    format: str = key("json", choices=FORMATS)  # avro: Confluent wire format, needs [schema_registry] url
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSettings(Section):
+    SECTION: typing.ClassVar[str] = "output"
+
+    topic: str = key(example="model-output", **TOPIC)
+    format: str = key("json", choices=FORMATS)  # avro: registered under "<topic>-value" (daemon/formats/avro.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetterSettings(Section):
+    SECTION: typing.ClassVar[str] = "dead_letter"
+
+    topic: str = key(example="model-dlq", **TOPIC)
+    max_value_bytes: int = key(1048576, min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings(Section):
+    SECTION: typing.ClassVar[str] = "checkpoint"
+
+    interval_ms: int = key(100, min=1)
+    interval_records: int = key(10000, min=1)
+    topic: str = key("failoverd-checkpoints", **TOPIC)
+    exactly_once: bool = key(True)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSettings(Section):
+    SECTION: typing.ClassVar[str] = "state"
+
+    directory: Path = key(Path(".local/state"))
+    changelog_topic: str = key("failoverd-changelog", **TOPIC)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrySettings(Section):
+    SECTION: typing.ClassVar[str] = "registry"
+
+    path: Path = key(Path(".local/registry"))
+    control_topic: str = key("failoverd-control", **TOPIC)
+    # Zip-bomb limits of a bundle archive (daemon.bundle.archive.Limits): total unpacked bytes and
+    # member count its manifest may declare; the CLI reads the same FAILOVERD_REGISTRY__* variables.
+    bundle_max_unpacked_bytes: int = key(4 << 30, min=1)
+    bundle_max_members: int = key(100_000, min=2)
+
+
+def _passthrough_name(name: str) -> str | None:
+    if name.upper().startswith(ENV_PREFIX):
+        return (f"a variable that is not the daemon's own ({name} starts with {ENV_PREFIX}: its configuration "
+                "and secrets never reach a model); give the model its own variable")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings(Section):
+    SECTION: typing.ClassVar[str] = "worker"
+
+    mode: str = key("subprocess", choices=("subprocess", "inprocess"))
+    predict_timeout_ms: int = key(5000, min=1)
+    start_timeout_ms: int = key(60000, min=1)
+    max_batch_records: int = key(1000, min=1)
+    # The release boundary (docs/architecture.md "Trust boundary"): the largest frame a worker may
+    # send, what of the daemon's environment it sees besides the allowlist, and its resource limits
+    # (0 = no limit; applied with setrlimit in the worker before the model loads).
+    max_frame_bytes: int = key(256 << 20, min=1024, max=(1 << 32) - 1)
+    env_passthrough: tuple[str, ...] | None = key(None, pattern=ENV_NAME, pattern_text="an environment variable name",
+                                                   check=_passthrough_name)
+    memory_mb: int = key(4096, min=0)
+    max_open_files: int = key(1024, min=0)
+    max_processes: int = key(0, min=0)
+
+    def _cross_problems(self) -> list[Problem]:
+        if 0 < self.max_open_files < 16:
+            return [Problem("worker.max_open_files", self.max_open_files,
+                            "expected 0 (no limit) or at least 16: the worker itself needs a few descriptors")]
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class FailoverSettings(Section):
+    SECTION: typing.ClassVar[str] = "failover"
+
+    standby_mode: str = key("warm", choices=("hot", "warm", "cold"))
+    cooldown_ms: int = key(5000, min=0)
+    max_failovers: int = key(3, min=1)
+    window_ms: int = key(600000, min=1)
+    error_rate_threshold: float = key(0.5, gt=0, max=1)
+    error_window: int = key(200, min=1)
+    min_samples: int = key(20, min=1)
+    latency_p99_slo_ms: int = key(2000, min=1)
+    output_invalid_rate_threshold: float = key(0.5, gt=0, max=1)
+    failback: bool = key(False)
+    failback_delay_ms: int = key(60000, min=0)
+    # Poison records: a batch dead-letters at most this many records that fail on their own
+    # (model_exception) before it fails as a whole and counts against the release (0: no isolation).
+    isolate_max_records: int = key(10, min=0)
+    isolate_max_fraction: float = key(0.1, gt=0, max=1)
+
+    def _cross_problems(self) -> list[Problem]:
+        if self.min_samples > self.error_window:
+            return [Problem("failover.min_samples", self.min_samples,
+                            f"expected at most failover.error_window ({self.error_window}): the window never "
+                            "holds more samples than that, so failover on error rate could never trigger")]
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminSettings(Section):
+    SECTION: typing.ClassVar[str] = "admin"
+
+    bind: str = key("127.0.0.1:8080", check=host_port)
+    token_file: Path | None = key(None)
+    token_env: str | None = key(None, pattern=ENV_NAME, pattern_text="an environment variable name")
+
+    def _cross_problems(self) -> list[Problem]:
+        if self.token_file is not None and self.token_env is not None:
+            return [Problem("admin.token_env", self.token_env,
+                            "expected only one of admin.token_file and admin.token_env to be set")]
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsSettings(Section):
+    SECTION: typing.ClassVar[str] = "metrics"
+
+    port: int = key(9464, min=0, max=65535)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemaRegistrySettings(Section):
+    """The Confluent-compatible Schema Registry of the avro format (daemon/formats/)."""
+
+    SECTION: typing.ClassVar[str] = "schema_registry"
+
+    url: str | None = key(None, pattern=re.compile(r"https?://\S+"), pattern_text="an http:// or https:// URL")
+    username: str | None = key(None)
+    password: str | None = key(None, secret=True)
+    timeout_ms: int = key(5000, min=1)
+    compatibility: str = key("BACKWARD", choices=SR_LEVELS)
+    subject_policy: str = key("register", choices=("register", "lookup"))
+
+
+def format_problems(sections: Any) -> list[Problem]:
+    """The avro format needs a schema registry (``sections``: a Settings)."""
+    out = []
+    for field, value in (("inputs.format", sections.inputs.format), ("output.format", sections.output.format)):
+        if value == "avro" and not sections.schema_registry.url:
+            out.append(Problem("schema_registry.url", NO_VALUE, f"expected the registry's Confluent-compatible API "
+                                                                f"URL because {field} = \"avro\"", "is missing"))
+            break
+    return out
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "kafka": KafkaSettings,
+    "app": AppSettings,
+    "inputs": InputsSettings,
+    "output": OutputSettings,
+    "dead_letter": DeadLetterSettings,
+    "checkpoint": CheckpointSettings,
+    "state": StateSettings,
+    "registry": RegistrySettings,
+    "worker": WorkerSettings,
+    "failover": FailoverSettings,
+    "admin": AdminSettings,
+    "metrics": MetricsSettings,
+    "schema_registry": SchemaRegistrySettings,
+}
+
