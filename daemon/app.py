@@ -8,12 +8,16 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from daemon import metrics as m
+from daemon import formats, metrics as m
 from daemon.engine.engine import Engine
 from daemon.engine.release import LoadedRelease, load_release
-from daemon.engine.worker import Boundary, set_boundary
+from daemon.engine.worker import Boundary, set_boundary, set_formats
 from daemon.errors import RegistryError
+
+if TYPE_CHECKING:
+    from daemon.failover.controller import FailoverController
 
 log = logging.getLogger("failoverd.app")
 
@@ -76,9 +80,9 @@ class AppControl:
 
     def status(self) -> dict:
         engine, controller = self.app.engine, self.app.controller
-        doc = engine.status() if engine else {"starting": True}
+        doc: dict[str, Any] = engine.status() if engine else {"starting": True}
         doc["standby_mode"] = self.app.settings.failover.standby_mode
-        doc["standby_ready"] = bool(engine and engine.standby is not None and not getattr(engine.standby.worker, "dead", False))
+        doc["standby_ready"] = bool(engine and engine.releases.standby_ready)
         if engine and controller:
             doc["standby"] = self._standby_block(engine, controller, doc.get("standby"), doc["standby_ready"])
         doc["failovers"] = controller.recent() if controller else []
@@ -99,6 +103,7 @@ class AppControl:
         return dict(name=None, version=None, digest=None, pid=None, state=state, **pending)
 
     async def request_failover(self, reason: str) -> dict:
+        assert self.app.controller is not None, "the admin API starts after the controller"
         self.app.controller.request(reason)
         return {"accepted": True, "reason": reason,
                 "note": "handled at the next loop iteration of this instance"}
@@ -132,12 +137,13 @@ class App:
         self.standby_bundle = standby_bundle
         self.engine: Engine | None = None
         self.engine_task: asyncio.Task | None = None
-        self.controller = None
+        self.controller: FailoverController | None = None
         self._signals = 0
 
     async def _load(self, path: Path, channel: str) -> LoadedRelease:
         w, f = self.settings.worker, self.settings.failover
         set_boundary(Boundary.from_settings(w))  # frame limit, environment, resource limits of the worker
+        set_formats(formats.spec_of(self.settings))  # [inputs]/[output] format, [schema_registry] (daemon/formats)
         return await load_release(path, channel=channel, mode=w.mode,
                                   unpack_dir=Path(self.settings.state.directory) / "bundles",
                                   predict_timeout=w.predict_timeout_ms / 1000,
@@ -149,9 +155,8 @@ class App:
         self._signals += 1
         if self._signals > 1:
             log.error("second signal: forcing exit", extra={"signal": signame})
-            for rel in (self.engine.active, self.engine.standby) if self.engine else ():
-                if rel is not None:
-                    rel.worker.kill()  # no model process outlives the daemon
+            if self.engine is not None:
+                self.engine.kill_workers()  # no model process outlives the daemon
             os._exit(130)
         log.info("stopping", extra={"signal": signame})
         self.notifier.stopping()
@@ -174,22 +179,23 @@ class App:
 
     def _force_exit(self, why: str) -> None:
         log.error("forcing exit", extra={"why": why})
-        for rel in (self.engine.active, self.engine.standby) if self.engine else ():
-            if rel is not None:
-                rel.worker.kill()
+        if self.engine is not None:
+            self.engine.kill_workers()
         os._exit(1)
 
     async def _start_engine(self) -> None:
         """Connect, waiting for the broker with backoff (as long as it takes, unless stopped)."""
         from aiokafka.errors import KafkaConnectionError
 
+        engine = self.engine
+        assert engine is not None
         delay = 0.5
         while True:
             try:
-                await self.engine.start()
+                await engine.start()
                 return
             except KafkaConnectionError as exc:
-                if self.engine.stopping.is_set():
+                if engine.stopping.is_set():
                     raise
                 log.warning("Kafka not reachable; retrying", extra={"in_s": delay, "error": str(exc)})
                 self.notifier.status(f"waiting for Kafka at {self.settings.kafka.bootstrap_servers}")
@@ -225,14 +231,14 @@ class App:
             # is retried, and never keeps the active from serving (daemon/failover/standby.py).
             loading = asyncio.ensure_future(self._load(a_path, "active"))
             recorder = ReleaseRecorder(s)
-            self.controller = FailoverController(s, loader=self._load, standby_path=s_path,
-                                                 recorder=recorder.record_failover)
-            self.engine = Engine(s, active=None, standby=None, on_failure=self.controller.handle,
-                                 observers=[self.controller.observe])
-            self.engine.on_change = self.controller.apply_change
-            self.engine.loader = self._load  # restarts and probes after a record killed the model process
-            self.controller.attach(self.engine)
-            keeper = self.controller.keep_standby()
+            controller = self.controller = FailoverController(s, loader=self._load, standby_path=s_path,
+                                                              recorder=recorder.record_failover)
+            # the loader restarts and probes a worker after a record killed the model process
+            engine = self.engine = Engine(s, active=None, standby=None, on_failure=controller.handle,
+                                          observers=[controller.observe], on_change=controller.apply_change,
+                                          loader=self._load)
+            controller.attach(engine)
+            keeper = controller.keep_standby()
             if keeper is not None:
                 background.append(keeper)
             self.notifier.status("loading releases, joining the consumer group and restoring state")
@@ -242,14 +248,14 @@ class App:
                 if keeper is not None and s.failover.standby_mode == "hot":
                     # a hot standby shadows from the first batch on (its state stays exact): wait
                     # for its first load to end; if that fails, the active starts alone
-                    await _first_of(self.controller.keeper.first_attempt.wait(), self.engine.stopping.wait())
+                    await _first_of(controller.keeper.first_attempt.wait(), engine.stopping.wait())
             except BaseException:
                 loading.cancel()
                 await asyncio.gather(loading, return_exceptions=True)
-                await self.controller.stop_standby()
-                await self.engine.close()
+                await controller.stop_standby()
+                await engine.close()
                 raise
-            self.engine.set_releases(active, self.engine.standby)  # the standby, if it loaded already
+            self.engine.set_releases(active, self.engine.releases.standby)  # the standby, if it loaded already
             watcher = ControlWatcher(s, self.engine, self.controller)
             background.append(asyncio.create_task(watcher.follow(), name="control-watcher"))
             background.append(asyncio.create_task(self._notify_ready(), name="sd-ready"))
@@ -297,9 +303,11 @@ class App:
 
     async def _notify_ready(self) -> None:
         """READY=1 once partitions are assigned and state restored; STATUS= lines on changes."""
+        engine = self.engine
+        assert engine is not None
         last, sent_ready = None, False
         while True:
-            ok, why = self.engine.ready()
+            ok, why = engine.ready()
             text = "processing" if ok else why
             if text != last:
                 self.notifier.status(text)

@@ -93,6 +93,7 @@ class ReleaseRecorder:
                         if steps[0] == "release log":
                             release = await asyncio.to_thread(self._append, to, reason, bundle_path)
                         elif steps[0] == "release event":
+                            assert release is not None  # the step before wrote it
                             await control.publish(self.kafka, self.topic, control.release_event(release),
                                                   timeout=self.PUBLISH_TIMEOUT_S)
                         else:
@@ -182,9 +183,9 @@ class ControlWatcher:
         if event.type == "release":
             await self._remember(value)
             self.desired[value["channel"]] = value["digest"]
-            self.engine.pending_change = dict(self.desired, rescore=bool(value.get("rescore")),
-                                              kind=value.get("kind"), channel=value["channel"],
-                                              ref=f"{value['name']}@{value['version']}")
+            self.engine.request_change(dict(self.desired, rescore=bool(value.get("rescore")),
+                                            kind=value.get("kind"), channel=value["channel"],
+                                            ref=f"{value['name']}@{value['version']}"))
         elif event.type == "failover_request":
             self.controller.request(value.get("reason") or "manual request on the control topic")
 

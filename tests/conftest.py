@@ -31,6 +31,27 @@ def kafka_bootstrap() -> str:
 
 
 @pytest.fixture(scope="session")
+def kafka_secure():
+    """The local broker whose only listener is SASL_SSL (``failoverd kafka up --secure``, its own
+    ports, so the plain broker keeps running): a LocalBroker with ``ca_file``, ``client_kwargs(mechanism)``
+    and the user in daemon.kafka_local.SECURE_USER / SECURE_PASSWORD. Stopped at the end of the
+    session when this session started it."""
+    from daemon.kafka_local import LocalBroker, default_secure_port
+
+    port = int(os.environ.get("FAILOVERD_TEST_KAFKA_SECURE_PORT") or default_secure_port())
+    broker = LocalBroker(ROOT, port=port, secure=True)
+    started = not broker.status()["running"]
+    proc = subprocess.run([sys.executable, "-m", "daemon", "kafka", "up", "--secure", "--port", str(port)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"secure local Kafka broker did not start:\n{proc.stdout}\n{proc.stderr}")
+    yield broker
+    if started:
+        subprocess.run([sys.executable, "-m", "daemon", "kafka", "down", "--secure", "--port", str(port)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
 def schema_registry_url():
     """A real Schema Registry (Apicurio, in memory) of this test session, on a port of its own, started
     and stopped through the command users run (``failoverd schema-registry up|down``); its global

@@ -8,14 +8,16 @@ every key (tests/unit/test_docs.py keeps the two in step).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
+import shlex
 import ssl
 import typing
 from pathlib import Path
 from typing import Any
 
 from daemon.config.fields import (
-    APP_NAME, ENV_NAME, ENV_PREFIX, NO_VALUE, SASL_MECHANISMS, SECURITY_PROTOCOLS, TOPIC, Problem, Section,
+    APP_NAME, ENV_NAME, ENV_PREFIX, MASK, NO_VALUE, SASL_MECHANISMS, SECURITY_PROTOCOLS, TOPIC, Problem, Section,
     host_port, key, show,
 )
 from daemon.errors import ConfigError
@@ -25,6 +27,13 @@ FORMATS = ("json", "avro")
 SR_LEVELS = ("BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE", "NONE",
              "REGISTRY")
 """``[schema_registry] compatibility`` (daemon.formats.compat.LEVELS)."""
+PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+PASSWORD_KEYS = ("sasl_plain_username", "sasl_plain_password", "sasl_plain_password_file")
+OAUTH_KEYS = ("sasl_oauth_token_file", "sasl_oauth_token_command")
+COMPRESSIONS = ("zstd", "lz4", "snappy", "gzip", "none")
+"""``[output] compression``: aiokafka's codecs; all but gzip and none need the package cramjam."""
+PRODUCER_MAX_REQUEST_BYTES = 1048576
+"""aiokafka's ``max_request_size`` (the engine's producers keep it): no batch may be larger."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +56,12 @@ class KafkaSettings(Section):
     ssl_keyfile: str | None = key(None, path=True)
     ssl_password: str | None = key(None, secret=True)
     request_timeout_ms: int = key(40000, min=1)
+    # Credentials kept out of the file (daemon/kafka_auth.py): the password read from a file (a
+    # mounted Secret) when the clients are built; an OAUTHBEARER token from a file (read at every
+    # connection) or from a command's output (run again when the token nears its expiry).
+    sasl_plain_password_file: str | None = key(None, path=True)
+    sasl_oauth_token_file: str | None = key(None, path=True)
+    sasl_oauth_token_command: str | None = key(None)
 
     def _cross_problems(self) -> list[Problem]:
         out: list[Problem] = []
@@ -63,16 +78,88 @@ class KafkaSettings(Section):
             out.append(Problem("kafka.sasl_mechanism", self.sasl_mechanism,
                                f"is only used with SASL; set kafka.security_protocol to SASL_PLAINTEXT or "
                                f"SASL_SSL (it is {show(self.security_protocol)}) or remove the key", "is ignored"))
-        if sasl and self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
-            for name in ("sasl_plain_username", "sasl_plain_password"):
-                if getattr(self, name) is None:
-                    out.append(Problem(f"kafka.{name}", NO_VALUE,
-                                       f"expected a string because kafka.sasl_mechanism = {show(self.sasl_mechanism)}",
-                                       "is missing"))
+        return out + self._credential_problems(sasl) + self._tls_problems()
+
+    def _credential_problems(self, sasl: bool) -> list[Problem]:
+        """Credentials that are missing for the mechanism, or set and never used (a wrong guess of
+        what the cluster needs: refused rather than silently ignored)."""
+        out: list[Problem] = []
+        mechanism = self.sasl_mechanism if sasl else None
+        because = f"because kafka.sasl_mechanism = {show(mechanism)}"
+        if mechanism in PASSWORD_MECHANISMS:
+            if self.sasl_plain_username is None:
+                out.append(Problem("kafka.sasl_plain_username", NO_VALUE, f"expected a string {because}",
+                                   "is missing"))
+            if self.sasl_plain_password is None and self.sasl_plain_password_file is None:
+                out.append(Problem("kafka.sasl_plain_password", NO_VALUE,
+                                   f"expected the password {because}: set kafka.sasl_plain_password_file (a file "
+                                   f"holding it) or FAILOVERD_KAFKA__SASL_PLAIN_PASSWORD", "is missing"))
+            elif self.sasl_plain_password is not None and self.sasl_plain_password_file is not None:
+                out.append(Problem("kafka.sasl_plain_password_file", self.sasl_plain_password_file,
+                                   "expected only one of kafka.sasl_plain_password and kafka.sasl_plain_password_file "
+                                   "to be set; remove one"))
+        if mechanism == "OAUTHBEARER":
+            token_keys = [k for k in ("sasl_oauth_token_file", "sasl_oauth_token_command") if getattr(self, k)]
+            if not token_keys:
+                out.append(Problem("kafka.sasl_oauth_token_file", NO_VALUE,
+                                   f"expected a token source {because}: set kafka.sasl_oauth_token_file (a file "
+                                   "holding the token) or kafka.sasl_oauth_token_command (a command printing it)",
+                                   "is missing"))
+            elif len(token_keys) > 1:
+                out.append(Problem("kafka.sasl_oauth_token_command", self.sasl_oauth_token_command,
+                                   "expected only one of kafka.sasl_oauth_token_file and "
+                                   "kafka.sasl_oauth_token_command to be set; remove one"))
+            elif self.sasl_oauth_token_command is not None:
+                try:
+                    if not shlex.split(self.sasl_oauth_token_command):
+                        raise ValueError("empty")
+                except ValueError:
+                    out.append(Problem("kafka.sasl_oauth_token_command", self.sasl_oauth_token_command,
+                                       "expected a command line (program and arguments, shell quoting; no shell "
+                                       "runs it)"))
+        if mechanism == "GSSAPI" and importlib.util.find_spec("gssapi") is None:
+            out.append(Problem("kafka.sasl_mechanism", mechanism,
+                               "needs the Python package gssapi, which is not installed: pip install gssapi "
+                               "(aiokafka's Kerberos support), or choose another mechanism", "cannot connect"))
+        used = {"PLAIN": PASSWORD_KEYS, "SCRAM-SHA-256": PASSWORD_KEYS, "SCRAM-SHA-512": PASSWORD_KEYS,
+                "OAUTHBEARER": OAUTH_KEYS}.get(mechanism or "", ())
+        for name in PASSWORD_KEYS + OAUTH_KEYS:
+            if name not in used and getattr(self, name) is not None:
+                where = (f"kafka.sasl_mechanism = {show(mechanism)}" if mechanism else
+                         f"kafka.security_protocol = {show(self.security_protocol)} (no SASL)")
+                needs = ("PLAIN or SCRAM-SHA-256/512" if name in PASSWORD_KEYS else "OAUTHBEARER")
+                out.append(Problem(f"kafka.{name}", MASK if name == "sasl_plain_password" else getattr(self, name),
+                                   f"only kafka.sasl_mechanism {needs} uses it, and {where}; remove the key "
+                                   "or fix the mechanism", "is ignored"))
+        return out
+
+    def _tls_problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if not tls and getattr(self, name) is not None:
+                out.append(Problem(f"kafka.{name}", getattr(self, name),
+                                   f"only TLS uses it: set kafka.security_protocol to SSL or SASL_SSL (it is "
+                                   f"{show(self.security_protocol)}: nothing would be encrypted) or remove the key",
+                                   "is ignored"))
+        if tls and self.ssl_keyfile is not None and self.ssl_certfile is None:
+            out.append(Problem("kafka.ssl_certfile", NO_VALUE, "expected the client certificate (PEM) that "
+                                                               "kafka.ssl_keyfile is the key of", "is missing"))
         return out
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments shared by aiokafka's AIOKafkaConsumer, AIOKafkaProducer and AIOKafkaAdminClient."""
+        """Keyword arguments shared by aiokafka's AIOKafkaConsumer, AIOKafkaProducer and AIOKafkaAdminClient.
+
+        Built once per settings object and copied on each call, so every client shares one TLS
+        context and one OAUTHBEARER token provider (one token, refreshed once, for all connections);
+        a password file is read on the first call (a rotated password takes a restart)."""
+        cached: dict[str, Any] | None = self.__dict__.get("_client_kwargs")
+        if cached is None:
+            cached = self._build_client_kwargs()
+            object.__setattr__(self, "_client_kwargs", cached)  # not a field: eq, hash and repr ignore it
+        return dict(cached)
+
+    def _build_client_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "bootstrap_servers": list(self.bootstrap_servers),
             "client_id": self.client_id,
@@ -83,11 +170,21 @@ class KafkaSettings(Section):
             kwargs["sasl_mechanism"] = self.sasl_mechanism
             if self.sasl_mechanism == "GSSAPI":
                 kwargs["sasl_kerberos_service_name"] = self.sasl_kerberos_service_name
+            elif self.sasl_mechanism == "OAUTHBEARER":
+                from daemon.kafka_auth import token_provider
+
+                kwargs["sasl_oauth_token_provider"] = token_provider(self.sasl_oauth_token_file,
+                                                                     self.sasl_oauth_token_command)
             else:
                 if self.sasl_plain_username is not None:
                     kwargs["sasl_plain_username"] = self.sasl_plain_username
                 if self.sasl_plain_password is not None:
                     kwargs["sasl_plain_password"] = self.sasl_plain_password
+                elif self.sasl_plain_password_file is not None:
+                    from daemon.kafka_auth import read_secret
+
+                    kwargs["sasl_plain_password"] = read_secret("kafka.sasl_plain_password_file",
+                                                                self.sasl_plain_password_file)
         if self.security_protocol in ("SSL", "SASL_SSL"):
             kwargs["ssl_context"] = self.ssl_context()
         return kwargs
@@ -131,6 +228,31 @@ class OutputSettings(Section):
 
     topic: str = key(example="model-output", **TOPIC)
     format: str = key("json", choices=FORMATS)  # avro: registered under "<topic>-value" (daemon/formats/avro.py)
+    # Every producer the daemon builds (daemon/clients.py), for outputs, dead letters, changelog
+    # and checkpoints alike. zstd: the best ratio of Kafka's codecs at a CPU cost far below a model's
+    # (JSON predictions shrink 3-10x per batch), readable by every client since Kafka 2.1.
+    compression: str = key("zstd", choices=COMPRESSIONS)
+    acks: str = key("all", choices=("all", "1"))  # "1": the leader alone; at-least-once only
+    linger_ms: int = key(10, min=0, max=60000)
+    batch_size: int = key(524288, min=1024, max=PRODUCER_MAX_REQUEST_BYTES)  # capped by the topics' max.message.bytes
+
+    def _cross_problems(self) -> list[Problem]:
+        if self.compression in ("snappy", "lz4", "zstd") and importlib.util.find_spec("cramjam") is None:
+            return [Problem("output.compression", self.compression,
+                            "needs the Python package cramjam (aiokafka's snappy, lz4 and zstd codecs), which is not "
+                            "installed: pip install cramjam, or set output.compression = \"gzip\" or \"none\"",
+                            "cannot be used")]
+        return []
+
+    def producer_kwargs(self) -> dict[str, Any]:
+        """aiokafka producer kwargs of these settings (daemon.clients applies them)."""
+        return {
+            "compression_type": None if self.compression == "none" else self.compression,
+            "acks": "all" if self.acks == "all" else 1,
+            "enable_idempotence": self.acks == "all",  # aiokafka: idempotence requires acks=all
+            "linger_ms": self.linger_ms,
+            "max_batch_size": self.batch_size,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +387,16 @@ class SchemaRegistrySettings(Section):
     timeout_ms: int = key(5000, min=1)
     compatibility: str = key("BACKWARD", choices=SR_LEVELS)
     subject_policy: str = key("register", choices=("register", "lookup"))
+
+
+def producer_problems(sections: Any) -> list[Problem]:
+    """Exactly-once writes through transactions, which need every in-sync replica's acknowledgement."""
+    if sections.checkpoint.exactly_once and sections.output.acks != "all":
+        return [Problem("output.acks", sections.output.acks,
+                        "expected \"all\" because checkpoint.exactly_once = true (transactions need every in-sync "
+                        "replica's acknowledgement); set output.acks = \"all\", or checkpoint.exactly_once = false "
+                        "for at-least-once", "cannot work")]
+    return []
 
 
 def format_problems(sections: Any) -> list[Problem]:

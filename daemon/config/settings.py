@@ -17,7 +17,7 @@ from daemon.config.sections import (
     SECTIONS, AdminSettings, AppSettings, CheckpointSettings, DeadLetterSettings, FailoverSettings, InputsSettings,
     KafkaSettings, MetricsSettings, OutputSettings, RegistrySettings, StateSettings, WorkerSettings,
 )
-from daemon.config.sections import SchemaRegistrySettings, format_problems
+from daemon.config.sections import SchemaRegistrySettings, format_problems, producer_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Settings:
     env_overrides: tuple[str, ...] = ()  # names of the FAILOVERD_* variables that were applied
 
     def __post_init__(self) -> None:
-        problems = topic_role_problems(self) + format_problems(self)
+        problems = topic_role_problems(self) + format_problems(self) + producer_problems(self)
         if problems:
             raise invalid(problems, str(self.source) if self.source else "")
 

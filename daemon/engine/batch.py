@@ -39,6 +39,7 @@ from typing import Any
 import jsonschema_rs
 import orjson
 
+from daemon.formats import InvalidOutput
 from daemon.model import Prediction, Record, RecordError, normalize
 
 OK = 0
@@ -70,7 +71,7 @@ class ResultCountError(RuntimeError):
     """``predict`` returned a different number of results than it was given records."""
 
 
-def make_validator(schema: dict):
+def make_validator(schema: dict[str, Any]) -> Any:
     """A compiled validator (jsonschema-rs: ~1 us per record where the pure-Python reference
     implementation takes ~300 us; the bundle build meta-validates schemas with ``jsonschema``)."""
     return jsonschema_rs.validator_for(schema)
@@ -93,7 +94,7 @@ def encode_numpy(value: Any) -> tuple[bytes, Any]:
     return encoded, orjson.loads(encoded)
 
 
-def _describe_error(validator, value: Any) -> str:
+def _describe_error(validator: Any, value: Any) -> str:
     """The DLQ detail for a value ``validator.is_valid`` rejected (the slow path only)."""
     err = next(iter(validator.iter_errors(value)), None)
     if err is None:  # pragma: no cover - is_valid and iter_errors disagree
@@ -112,7 +113,8 @@ class _Run:
     __slots__ = ("items", "results", "current", "raw", "updated", "allowed", "records", "failed", "first",
                  "max_output")
 
-    def __init__(self, items, results, current, raw, allowed: int, records: int, max_output: int = 0) -> None:
+    def __init__(self, items: list[tuple[bytes | None, bytes, int]], results: list[tuple[Any, ...] | None],
+                 current: list[Any], raw: list[bytes | None], allowed: int, records: int, max_output: int = 0) -> None:
         self.items = items
         self.max_output = max_output
         """Largest key + encoded output the output topic takes with the daemon's headers (0: no limit)."""
@@ -140,11 +142,17 @@ class BatchProcessor:
     poison records (module docstring) runs only after a failure.
     """
 
-    def __init__(self, model: Any, input_schema: dict, output_schema: dict,
-                 isolation: IsolationLimits | None = None) -> None:
+    def __init__(self, model: Any, input_schema: dict[str, Any], output_schema: dict[str, Any],
+                 isolation: IsolationLimits | None = None, input_format: Any = None, output_format: Any = None) -> None:
         self.model = model
-        self.input_validator = make_validator(input_schema)
-        self.output_validator = make_validator(output_schema)
+        # ``[inputs] format`` / ``[output] format`` (daemon.formats); None: JSON, the fast path as it was
+        self.input_validator = input_format.validator if input_format else make_validator(input_schema)
+        self.output_validator = output_format.validator if output_format else make_validator(output_schema)
+        self.decode = input_format.decode if input_format else orjson.loads
+        self.decode_error = input_format.decode_error if input_format else orjson.JSONDecodeError
+        self.encode = output_format.encode if output_format else orjson.dumps
+        self.prepare = [f.prepare for f in (input_format, output_format) if f is not None and f.prepare]
+        """Registry lookups a batch needs, done before any of it is decoded (they may wait out an outage)."""
         self.isolation = isolation or IsolationLimits()
         self.splits = 0
         """Failing groups of records split in halves so far (all batches)."""
@@ -154,20 +162,23 @@ class BatchProcessor:
         """The same states, encoded (a carried state's fresh copy on the retry path)."""
 
     def process(self, items: list[tuple[bytes | None, bytes, int]], states: list[bytes | None],
-                carry: list[tuple[int, int]] | tuple = (), max_output: int = 0
-                ) -> tuple[list[tuple], dict[int, bytes | None]]:
+                carry: list[tuple[int, int]] | tuple[()] = (), max_output: int = 0
+                ) -> tuple[list[tuple[Any, ...]], dict[int, bytes | None]]:
         """``carry``: ``(skey, previous_skey)`` pairs whose state is the one the previous call left
         for ``previous_skey`` (the daemon sends the next batch before it has stored the previous
         batch's states; calls arrive in order). ``max_output``: the largest key plus encoded output
         the output topic accepts with the daemon's headers; a larger one is that record's dead
         letter ``output_oversized`` and leaves its key's state as it was (0: no limit)."""
+        for prepare in self.prepare:
+            prepare(items)
         last, self._last = self._last, None  # a failing batch leaves nothing to carry
         last_raw, self._last_raw = self._last_raw, None
         loads = orjson.loads
-        decode_error = orjson.JSONDecodeError
+        decode = self.decode
+        decode_error = self.decode_error
         input_validator = self.input_validator
         is_valid = input_validator.is_valid
-        results: list[tuple | None] = [None] * len(items)
+        results: list[tuple[Any, ...] | None] = [None] * len(items)
         # current[NO_STATE] (the extra last slot) is always None: keyless records read it, and
         # it is never written (NO_STATE results touch no state).
         current: list[Any] = [loads(s) if s is not None else None for s in states]
@@ -187,9 +198,9 @@ class BatchProcessor:
         skeys: list[int] = []
         for i, (key, value_raw, skey) in enumerate(items):
             try:
-                value = loads(value_raw)
+                value = decode(value_raw)
             except decode_error as exc:
-                results[i] = (DLQ, "bad_json", str(exc)[:500])
+                results[i] = (DLQ, getattr(exc, "reason", "bad_json"), str(exc)[:500])
                 continue
             if not is_valid(value):
                 results[i] = (DLQ, "schema", _describe_error(input_validator, value))
@@ -245,12 +256,13 @@ class BatchProcessor:
             return
         self._apply(run, predictions, positions, skeys)
 
-    def _apply(self, run: _Run, predictions, positions: list[int], skeys: list[int]) -> None:
+    def _apply(self, run: _Run, predictions: Any, positions: list[int], skeys: list[int]) -> None:
         """Check and encode each result on its own; fill the results and the state of its key."""
         results, current, raw, updated = run.results, run.current, run.raw, run.updated
         output_validator = self.output_validator
         is_valid = output_validator.is_valid
         dumps = orjson.dumps
+        encode = self.encode
         for i, skey, raw_result in zip(positions, skeys, predictions):
             kind = type(raw_result)
             if kind is Prediction:
@@ -272,10 +284,14 @@ class BatchProcessor:
                 state = result.state
             try:
                 try:
-                    encoded = dumps(output)
+                    encoded = encode(output)
                 except TypeError:  # numpy scalars/arrays: encoded natively, validated as the JSON they become
                     encoded, output = encode_numpy(output)
                 valid = is_valid(output)
+            except InvalidOutput as exc:  # a format that validates while it encodes (avro)
+                results[i] = (DLQ, "output_schema", str(exc)[:500])
+                self._restore(run, skey)
+                continue
             except (TypeError, ValueError) as exc:  # orjson: TypeError; jsonschema-rs: ValueError
                 self._dead(run, i, skey, f"output is not JSON data: {exc}", exc)
                 continue
@@ -323,12 +339,13 @@ class BatchProcessor:
     def _attempt(self, run: _Run, members: list[tuple[int, int]]) -> Exception | None:
         """One ``predict`` call on fresh copies of these records; applies its results, or returns its error."""
         loads = orjson.loads
+        decode = self.decode
         items, raw = run.items, run.raw
         records = []
         for position, skey in members:
             key, value_raw, _ = items[position]
             state_raw = raw[skey]
-            records.append(Record(key.decode("utf-8", "replace") if key is not None else None, loads(value_raw),
+            records.append(Record(key.decode("utf-8", "replace") if key is not None else None, decode(value_raw),
                                   loads(state_raw) if state_raw is not None else None))
         try:
             predictions = self.model.predict(records)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from typing import Any
+
 import orjson
 
 
@@ -44,7 +46,7 @@ def record_key(group: str, topic: str, partition: int) -> bytes:
 
 
 def record_value(*, group: str, topic: str, partition: int, offset: int, changelog_records: int,
-                 release: dict, instance: str, records: int) -> bytes:
+                 release: dict[str, Any], instance: str, records: int) -> bytes:
     """The checkpoint record: the input offset it commits (``offset``), how many input records and
     state changelog records the interval carried, and which release processed it."""
     return orjson.dumps({

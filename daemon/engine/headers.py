@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 H_RELEASE_NAME = "fd.release.name"
 H_RELEASE_VERSION = "fd.release.version"
 H_RELEASE_DIGEST = "fd.release.digest"
@@ -18,15 +21,17 @@ H_CORRECTION = "fd.correction"
 H_DLQ_ORIGINAL_SIZE = "fd.dlq.original_size"
 
 DLQ_REASONS = ("bad_json", "schema", "oversized", "model_error", "output_schema", "model_exception",
-               "output_oversized", "undecodable", "model_crash")
+               "output_oversized", "undecodable", "model_crash", "bad_avro", "unknown_schema_id")
 """Every reason a dead letter can carry (one metric label each; runbooks in docs/operations.md):
 model_exception: predict failed for that record alone (found by splitting the batch);
 output_oversized: the output is larger than the output topic or the producer accepts;
 undecodable: the Kafka client could not parse the record (e.g. a header key that is not UTF-8);
-model_crash: the model process died or hung on that record alone, on every release that met it."""
+model_crash: the model process died or hung on that record alone, on every release that met it;
+bad_avro: not the Confluent Avro wire format, or a body its writer schema cannot read;
+unknown_schema_id: the schema registry has no schema with the record's id."""
 
 
-def release_headers(info: dict) -> list[tuple[str, bytes]]:
+def release_headers(info: dict[str, Any]) -> list[tuple[str, bytes]]:
     return [
         (H_RELEASE_NAME, info["name"].encode()),
         (H_RELEASE_VERSION, info["version"].encode()),
@@ -38,12 +43,13 @@ def source_headers(topic_b: bytes, partition_b: bytes, offset: int) -> list[tupl
     return [(H_SOURCE_TOPIC, topic_b), (H_SOURCE_PARTITION, partition_b), (H_SOURCE_OFFSET, str(offset).encode())]
 
 
-def dead_letter_headers(original, reason: str, detail: str, provenance, truncated: bool = False,
-                        original_size: int | None = None) -> list[tuple[str, bytes]]:
+def dead_letter_headers(original: Sequence[tuple[str, bytes | None]] | None, reason: str, detail: str,
+                        provenance: Sequence[tuple[str, bytes]], truncated: bool = False,
+                        original_size: int | None = None) -> list[tuple[str, bytes | None]]:
     """A dead letter's headers: the input's own, then the reason, the detail (at most 1000 bytes),
     the provenance (release and source position) and, for a cut value, ``fd.dlq.truncated`` and
     ``fd.dlq.original_size``. daemon/deadletters.py reads them back in this order."""
-    hs = [*(original or ()), (H_DLQ_REASON, reason.encode()),
+    hs: list[tuple[str, bytes | None]] = [*(original or ()), (H_DLQ_REASON, reason.encode()),
           (H_DLQ_DETAIL, detail.encode("utf-8", "replace")[:1000]), *provenance]
     if truncated:
         hs.append((H_DLQ_TRUNCATED, b"1"))
@@ -52,5 +58,5 @@ def dead_letter_headers(original, reason: str, detail: str, provenance, truncate
     return hs
 
 
-def as_dict(headers) -> dict[str, bytes]:
+def as_dict(headers: Iterable[tuple[str, bytes]] | None) -> dict[str, bytes]:
     return {k: v for k, v in (headers or ())}

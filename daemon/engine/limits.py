@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -24,9 +26,10 @@ BATCH_BYTES = 512 * 1024
 """The engine's producer batch size when every topic it writes accepts that much."""
 
 
-def record_bytes(key: bytes | None, value: bytes | None, headers) -> int:
+def record_bytes(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> int:
     """Upper bound of a record's size alone in a v2 batch (batch header included)."""
-    return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+    return size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +46,15 @@ class Limits:
         return max(1024, min([BATCH_BYTES, *self.max_bytes.values()]))
 
 
-async def read(admin_kwargs: dict, topics: list[str]) -> Limits:
+async def read(admin_kwargs: dict[str, Any], topics: list[str]) -> Limits:
     """Each topic's ``max.message.bytes`` (capped by the producer's request size). A cluster that
     does not let us describe configs gets Kafka's defaults, with a warning."""
-    from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+    from daemon import clients
+
     values: dict[str, int] = {}
-    admin = AIOKafkaAdminClient(**admin_kwargs)
+    admin = clients.admin(admin_kwargs)
     try:
         await admin.start()
         responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])

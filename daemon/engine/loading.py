@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from daemon.engine.batch import BatchProcessor, IsolationLimits
 
@@ -17,11 +18,13 @@ def expected_digest_of(bundle_path: Path) -> str | None:
 
 
 def load_processor(bundle_path: Path, unpack_dir: Path | None, isolation: IsolationLimits | None = None,
-                   expected_digest: str | None = None) -> tuple[BatchProcessor, dict]:
+                   expected_digest: str | None = None, formats: dict[str, Any] | None = None
+                   ) -> tuple[BatchProcessor, dict[str, Any]]:
     """Verify, then load. ``expected_digest`` (from the release the daemon was told to run) is
     checked against the archive's manifest before any other member is read and before anything
     is imported; without it, an archive named ``<digest>.fdb`` (the registry's store) is
-    expected to have that digest. A different digest is an IntegrityError naming both."""
+    expected to have that digest. A different digest is an IntegrityError naming both. ``formats``:
+    the worker's format spec (:func:`daemon.formats.spec_of`); None or empty: JSON both ways."""
     from daemon.bundle import open_bundle
 
     expected = expected_digest or expected_digest_of(bundle_path)
@@ -38,4 +41,19 @@ def load_processor(bundle_path: Path, unpack_dir: Path | None, isolation: Isolat
         "digest": bundle.digest,
         "state_schema_version": int(bundle.state_schema_version),
     }
-    return BatchProcessor(model, bundle.input_schema, bundle.output_schema, isolation), info
+    codecs = _formats(bundle, formats or {})
+    return BatchProcessor(model, bundle.input_schema, bundle.output_schema, isolation, *codecs), info
+
+
+def _formats(bundle: Any, spec: dict[str, Any]) -> tuple[Any, ...]:
+    """``(input format, output format)`` for the batch: None for plain JSON with JSON Schemas (the
+    batch's own fast path), else a :mod:`daemon.formats` object."""
+    from daemon import formats
+
+    out = []
+    for side, schema in (("input", bundle.input_schema), ("output", bundle.output_schema)):
+        kind = spec.get(side) or "json"
+        schema_kind = "avro" if bundle.manifest["schemas"][side].endswith(".avsc") else "json"
+        out.append(None if kind == "json" and schema_kind == "json" else
+                   formats.make(kind, side, schema, schema_kind, spec))
+    return tuple(out)

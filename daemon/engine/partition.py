@@ -11,8 +11,10 @@ partition), whatever characters the group id holds.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
@@ -39,7 +41,7 @@ class Partition:
     the batches in flight or held)."""
     in_txn: bool = False
     uncommitted: int = 0
-    acks: list = dataclasses.field(default_factory=list)
+    acks: list[asyncio.Future[Any]] = dataclasses.field(default_factory=list)
     """Delivery futures of what was written into the open transaction (awaited before it commits)."""
     topic_b: bytes = b""
     partition_b: bytes = b""
@@ -55,4 +57,5 @@ class Partition:
 
 
 def store_path(state_dir: Path, tp: TopicPartition) -> Path:
-    return Path(state_dir) / tp.topic / f"{tp.partition}.sqlite"
+    topic: str = tp.topic
+    return Path(state_dir) / topic / f"{tp.partition}.sqlite"

@@ -25,6 +25,8 @@ record. Only when the C parser raises is the batch read again in Python, record 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
+from typing import Any
 
 from aiokafka.record.default_records import DefaultRecordBatch, _DefaultRecordBatchPy
 from aiokafka.record.legacy_records import LegacyRecordBatch
@@ -78,7 +80,7 @@ class TolerantMemoryRecords:
     def has_next(self) -> bool:
         return self._next is not None
 
-    def next_batch(self):
+    def next_batch(self) -> Any:
         raw = self._next
         if raw is None:
             return None
@@ -99,7 +101,7 @@ class _TolerantBatch:
         self._c = DefaultRecordBatch(raw)
         self._corrupt: str | None = None
 
-    def __getattr__(self, name: str):  # base_offset, producer_id, is_control_batch, next_offset, ...
+    def __getattr__(self, name: str) -> Any:  # base_offset, producer_id, is_control_batch, next_offset, ...
         return getattr(self._c, name)
 
     def validate_crc(self) -> bool:
@@ -107,15 +109,15 @@ class _TolerantBatch:
             self._corrupt = "the record batch fails its CRC check"
         return True  # the fetcher would raise; the batch's offsets become marker records instead
 
-    def __next__(self):  # the fetcher reads a control batch's one record this way
+    def __next__(self) -> Any:  # the fetcher reads a control batch's one record this way
         return next(self._c)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         if self._corrupt is not None:
             return self._markers(0, self._corrupt)
         return self._records()
 
-    def _records(self):
+    def _records(self) -> Iterator[Any]:
         n = 0
         try:
             for record in self._c:
@@ -124,7 +126,7 @@ class _TolerantBatch:
         except Exception as exc:  # noqa: BLE001 - whatever the C parser cannot read is re-read below
             yield from self._salvage(n, f"{type(exc).__name__}: {exc}")
 
-    def _salvage(self, done: int, why: str):
+    def _salvage(self, done: int, why: str) -> Iterator[Any]:
         """Re-read the batch in Python after the C parser failed on record ``done``."""
         try:
             py = _DefaultRecordBatchPy(self._raw)
@@ -148,7 +150,7 @@ class _TolerantBatch:
                 yield _read_record(buffer, body, end, base, index, first_ts, max_ts, log_append, why)
             pos = end
 
-    def _markers(self, done: int, why: str, first: int | None = None):
+    def _markers(self, done: int, why: str, first: int | None = None) -> Iterator[_Record]:
         """One marker record per offset of the batch from ``first`` (or the ``done``-th) on."""
         c = self._c
         start = first if first is not None else c.base_offset + done
@@ -157,11 +159,15 @@ class _TolerantBatch:
             yield _Record(offset, c.max_timestamp, 0, None, None, [(MARK, why.encode()[:1000])])
 
 
-def _read_record(buffer, pos: int, end: int, base: int, index: int, first_ts: int, max_ts: int,
+def _read_record(buffer: Any, pos: int, end: int, base: int, index: int, first_ts: int, max_ts: int,
                  log_append: bool, why: str) -> "_Record":
     """One record, read without trusting it: a record that reads cleanly is returned as is; one
     that does not becomes a marker record with what could be read."""
-    offset, timestamp, key, value, headers, problem = base + index, max_ts, None, None, [], None
+    offset, timestamp = base + index, max_ts
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: list[tuple[str, bytes | None]] = []
+    problem: str | None = None
     try:
         _attrs, pos = decode_varint(buffer, pos)
         ts_delta, pos = decode_varint(buffer, pos)
@@ -195,7 +201,7 @@ def _read_record(buffer, pos: int, end: int, base: int, index: int, first_ts: in
                    [*headers, (MARK, f"{problem} (client: {why})".encode("utf-8", "replace")[:1000])])
 
 
-def _read_bytes(buffer, pos: int) -> tuple[bytes | None, int]:
+def _read_bytes(buffer: Any, pos: int) -> tuple[bytes | None, int]:
     size, pos = decode_varint(buffer, pos)
     if size < 0:
         return None, pos
@@ -210,12 +216,13 @@ class _Record:
     __slots__ = ("offset", "timestamp", "timestamp_type", "key", "value", "headers")
     checksum = None
 
-    def __init__(self, offset, timestamp, timestamp_type, key, value, headers) -> None:
+    def __init__(self, offset: int, timestamp: int, timestamp_type: int, key: bytes | None, value: bytes | None,
+                 headers: list[tuple[str, bytes | None]]) -> None:
         self.offset, self.timestamp, self.timestamp_type = offset, timestamp, timestamp_type
         self.key, self.value, self.headers = key, value, headers
 
 
-def is_marker(record) -> bool:
+def is_marker(record: Any) -> bool:
     headers = record.headers
     return bool(headers) and headers[-1][0] == MARK
 

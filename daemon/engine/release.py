@@ -4,30 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from daemon.engine.batch import IsolationLimits
 from daemon.engine.headers import release_headers
-from daemon.engine.worker import make_worker
+from daemon.engine.worker import Worker, make_worker
 
 
 @dataclasses.dataclass
 class LoadedRelease:
-    worker: object
-    info: dict
+    worker: Worker
+    info: dict[str, Any]
     bundle_path: Path
     channel: str
 
     @property
     def name(self) -> str:
-        return self.info["name"]
+        return str(self.info["name"])
 
     @property
     def version(self) -> str:
-        return self.info["version"]
+        return str(self.info["version"])
 
     @property
     def digest(self) -> str:
-        return self.info["digest"]
+        return str(self.info["digest"])
 
     @property
     def ref(self) -> str:
@@ -42,10 +43,10 @@ class LoadedRelease:
     def headers(self) -> list[tuple[str, bytes]]:
         return release_headers(self.info)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "digest": self.digest,
                 "state_schema_version": self.info.get("state_schema_version"), "channel": self.channel,
-                "pid": getattr(self.worker, "pid", None)}
+                "pid": self.worker.pid}
 
 
 async def load_release(bundle_path: Path, *, channel: str, mode: str, unpack_dir: Path | None,

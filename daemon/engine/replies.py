@@ -12,10 +12,12 @@ with a few type tests per record; the check costs about as much as decoding the 
 
 from __future__ import annotations
 
+from typing import Any
+
 from daemon.engine.batch import DLQ, OK
 
 WORKER_DLQ_REASONS = frozenset(("bad_json", "schema", "model_error", "output_schema", "model_exception",
-                                "output_oversized"))
+                                "output_oversized", "bad_avro", "unknown_schema_id"))
 """The dead-letter reasons BatchProcessor gives (the others are the engine's own)."""
 
 ERROR_KINDS = frozenset(("exception", "oom", "protocol"))
@@ -31,26 +33,27 @@ def _fail(what: str) -> BadReply:
     return BadReply(what[:500])
 
 
-def _shape(reply, kinds: tuple[str, ...]) -> str:
+def _shape(reply: Any, kinds: tuple[str, ...]) -> str:
     if type(reply) is not tuple or not reply or type(reply[0]) is not str or reply[0] not in kinds:
         head = reply[0] if type(reply) is tuple and reply else reply
         raise _fail(f"expected a reply of kind {' or '.join(kinds)}, got {_show(head)}")
-    return reply[0]
+    kind: str = reply[0]
+    return kind
 
 
-def _show(value) -> str:
+def _show(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"
 
 
-def check_error(reply) -> tuple[str, str]:
+def check_error(reply: Any) -> tuple[str, str]:
     """``("error", kind, detail)`` -> (kind, detail)."""
     if len(reply) != 3 or type(reply[1]) is not str or reply[1] not in ERROR_KINDS or type(reply[2]) is not str:
         raise _fail(f"malformed error reply: {_show(reply)}")
     return reply[1], reply[2]
 
 
-def check_ready(reply) -> tuple[str, object]:
+def check_ready(reply: Any) -> tuple[str, Any]:
     """The first reply of a worker: ``("ready", info)`` -> ("ready", info dict), or
     ``("error", "load", detail)`` -> ("error", detail)."""
     kind = _shape(reply, ("ready", "error"))
@@ -70,7 +73,7 @@ def check_ready(reply) -> tuple[str, object]:
     return "ready", info
 
 
-def check_batch(reply, items: int, states: int) -> tuple[str, object, object]:
+def check_batch(reply: Any, items: int, states: int) -> tuple[str, Any, Any]:
     """A batch reply -> ("result", results, new_states) or ("error", kind, detail)."""
     kind = _shape(reply, ("result", "error"))
     if kind == "error":
@@ -102,7 +105,7 @@ def check_batch(reply, items: int, states: int) -> tuple[str, object, object]:
     return "result", results, new_states
 
 
-def check_health(reply) -> tuple[str, object]:
+def check_health(reply: Any) -> tuple[str, Any]:
     """``("health", bool)`` -> ("health", bool), or ("error", kind) for an error reply."""
     kind = _shape(reply, ("health", "error"))
     if kind == "error":

@@ -9,19 +9,25 @@ partition with the transaction as usual).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 from aiokafka.partitioner import murmur2
+
+Headers = Sequence[tuple[str, bytes | None]]
 
 
 class BatchSink:
     def __init__(self) -> None:
-        self._open: dict[tuple[int, str, int], tuple[object, object, list]] = {}
-        self._pending: list[tuple[object, str, int, object, int]] = []
-        self.last: dict[tuple[str, int], tuple[asyncio.Future, int]] = {}
+        # aiokafka's producers and batch builders are untyped (Any)
+        self._open: dict[tuple[int, str, int], tuple[Any, Any, list[int]]] = {}
+        self._pending: list[tuple[Any, str, int, Any, int]] = []
+        self.last: dict[tuple[str, int], tuple[asyncio.Future[Any], int]] = {}
         """(topic, partition) -> (delivery future of the last batch, records in it)."""
-        self._futures: dict[int, list[asyncio.Future]] = {}
+        self._futures: dict[int, list[asyncio.Future[Any]]] = {}
 
-    def add(self, producer, topic: str, partition: int, key: bytes | None, value: bytes | None, headers) -> None:
+    def add(self, producer: Any, topic: str, partition: int, key: bytes | None, value: bytes | None,
+            headers: Headers) -> None:
         slot = (id(producer), topic, partition)
         entry = self._open.get(slot)
         if entry is None:
@@ -36,13 +42,13 @@ class BatchSink:
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit in an empty batch for {topic}")
         count[0] += 1
 
-    async def flush(self) -> list[asyncio.Future]:
+    async def flush(self) -> list[asyncio.Future[Any]]:
         """Submit every batch; returns their delivery futures (awaited by commit/flush)."""
         for (_, topic, partition), (producer, batch, count) in self._open.items():
             if count[0]:
                 self._pending.append((producer, topic, partition, batch, count[0]))
         self._open.clear()
-        futures = []
+        futures: list[asyncio.Future[Any]] = []
         for producer, topic, partition, batch, n in self._pending:
             batch.close()
             fut = await producer.send_batch(batch, topic, partition=partition)
@@ -54,12 +60,12 @@ class BatchSink:
         return futures
 
 
-    def futures_of(self, producer) -> list[asyncio.Future]:
+    def futures_of(self, producer: Any) -> list[asyncio.Future[Any]]:
         """The delivery futures of the batches ``producer`` was given (after :meth:`flush`)."""
         return self._futures.get(id(producer), [])
 
 
-def _retrieve(fut: asyncio.Future) -> None:
+def _retrieve(fut: asyncio.Future[Any]) -> None:
     """Mark a delivery failure as seen: whoever needs it awaits the future; one nobody awaits any
     more (its transaction was aborted) must not log 'exception was never retrieved'."""
     if not fut.cancelled():
@@ -82,5 +88,5 @@ class Partitioner:
         if p is None:
             if len(self._cache) > 200_000:
                 self._cache.clear()
-            p = self._cache[key] = (murmur2(key) & 0x7FFFFFFF) % self.n
+            p = self._cache[key] = int(murmur2(key) & 0x7FFFFFFF) % self.n
         return p

@@ -46,6 +46,10 @@ def split_changelog_key(raw: bytes) -> tuple[str, str, bytes] | None:
     return topic.decode("utf-8", "replace"), ns.decode("utf-8", "replace"), key
 
 
+Changes = dict[tuple[str, bytes], bytes | None]
+"""(namespace, key) -> new value (None: deleted)."""
+
+
 class StateStore:
     FLUSH_SECONDS = 5.0
     FLUSH_KEYS = 50_000
@@ -66,7 +70,7 @@ class StateStore:
         self.flushing: dict[tuple[str, bytes], bytes | None] = {}
         """The overlay the background flush is writing (readable until it is done)."""
         self.flushing_position: int | None = None
-        self._flush_job: concurrent.futures.Future | None = None
+        self._flush_job: concurrent.futures.Future[None] | None = None
         self._writer: sqlite3.Connection | None = None  # the background flush's own connection
         self.cache: dict[tuple[str, bytes], bytes | None] = {}
         self.last_flush = 0.0  # the first commit reaches SQLite at once: a position exists from the start
@@ -169,7 +173,7 @@ class StateStore:
         self.flushing_position, self.overlay_position = self.overlay_position, None
         self._flush_job = _FLUSHER.submit(self._write_in_background, self.flushing, self.flushing_position)
 
-    def _write_in_background(self, changes: dict, position: int | None) -> None:
+    def _write_in_background(self, changes: Changes, position: int | None) -> None:
         if self._writer is None:
             self._writer = self._connect()
         self._write(self._writer, changes, position)
@@ -205,7 +209,7 @@ class StateStore:
         self.overlay_position = None
 
     @staticmethod
-    def _write(db: sqlite3.Connection, changes: dict, position: int | None) -> None:
+    def _write(db: sqlite3.Connection, changes: Changes, position: int | None) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
             puts = [(ns, k, v) for (ns, k), v in changes.items() if v is not None]
@@ -221,7 +225,7 @@ class StateStore:
             db.execute("ROLLBACK")
             raise
 
-    def _remember(self, written: dict) -> None:
+    def _remember(self, written: Changes) -> None:
         for nk, v in written.items():
             if nk in self.cache or len(self.cache) < self.CACHE_KEYS:
                 self.cache[nk] = v

@@ -27,14 +27,21 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, NoReturn, Protocol
 
 from daemon.bundle.environments import worker_python
 from daemon.engine import framing, replies
-from daemon.engine.batch import IsolationLimits
-from daemon.errors import BundleError, ProtocolError, ReleaseFailure, WorkerCrashed, WorkerOutOfMemory, WorkerTimeout
+from daemon.engine.batch import BatchProcessor, IsolationLimits
+from daemon.errors import (BatchFailed, BundleError, ProtocolError, ReleaseFailure, WorkerCrashed, WorkerOutOfMemory,
+                           WorkerTimeout)
+from daemon.formats import WAITING, needs_registry
+from daemon.formats.keepalive import BadKeepAlive, RegistryWaits
+
+__all__ = ["BatchFailed", "Boundary", "InProcessWorker", "SubprocessWorker", "Worker", "make_worker", "set_boundary",
+           "set_formats"]
 
 log = logging.getLogger("failoverd.worker")
 
@@ -55,11 +62,11 @@ class Boundary:
     max_processes: int = 0
 
     @classmethod
-    def from_settings(cls, w) -> "Boundary":
+    def from_settings(cls, w: Any) -> "Boundary":
         return cls(max_frame_bytes=w.max_frame_bytes, env_passthrough=tuple(w.env_passthrough or ()),
                    memory_mb=w.memory_mb, max_open_files=w.max_open_files, max_processes=w.max_processes)
 
-    def limits(self) -> dict:
+    def limits(self) -> dict[str, int]:
         return {"memory_mb": self.memory_mb, "max_open_files": self.max_open_files,
                 "max_processes": self.max_processes}
 
@@ -73,16 +80,63 @@ def set_boundary(boundary: Boundary) -> None:
     _boundary = boundary
 
 
-def worker_environment(environ, passthrough: tuple[str, ...] = ()) -> dict[str, str]:
+_formats: dict[str, Any] = {}
+
+
+def set_formats(spec: dict[str, Any]) -> None:
+    """The formats (and schema registry) of every worker started from now on (``App`` sets it from
+    ``[inputs] format``, ``[output] format`` and ``[schema_registry]``: :func:`daemon.formats.spec_of`)."""
+    global _formats
+    _formats = dict(spec)
+
+
+def worker_environment(environ: Mapping[str, str], passthrough: tuple[str, ...] = ()) -> dict[str, str]:
     """The allowlisted part of ``environ``, plus the names the operator passes through."""
     return {k: v for k, v in environ.items() if k in ENV_ALLOWED or k.startswith("LC_") or k in passthrough}
 
 
-class BatchFailed(ReleaseFailure):
-    """``predict`` raised for a whole batch."""
+Answer = tuple[list[tuple[Any, ...]], dict[int, bytes | None], float]
+Item = tuple[bytes | None, bytes, int]
+Carry = list[tuple[int, int]] | tuple[()]
+"""(skey, skey in the previous batch) pairs, or none."""
+"""A worker's answer to a batch: one result per item, the new state per skey, seconds it took."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, reason="exception")
+
+class Worker(Protocol):
+    """What the engine, the failover controller and the standby keeper may use of a model worker
+    (both :class:`SubprocessWorker` and :class:`InProcessWorker`); nothing reads a worker's
+    private state."""
+
+    label: str
+    """Its channel (``active``, ``standby``, ``probe``): named in its logs and errors."""
+    dead: bool
+    """Unusable: it exited, crashed, hung, broke the protocol, or was killed. Set by whoever finds out."""
+    info: dict[str, Any]
+    bundle_path: Path
+
+    @property
+    def pid(self) -> int | None:
+        """The model process (None in-process, or before it started)."""
+
+    @property
+    def returncode(self) -> int | None:
+        """The model process's exit code once it exited on its own or was killed; None while it runs
+        (always None in-process: a thread does not exit)."""
+
+    async def start(self) -> dict[str, Any]:
+        """Load the bundle; the release info (name, version, digest, ...). BundleError if it cannot."""
+
+    async def process(self, items: list[Item], states: list[bytes | None],
+                      carry: Carry = (), max_output: int = 0) -> Answer:
+        """Run one batch (see the module docstring); a ReleaseFailure if the release failed on it."""
+
+    async def health(self) -> bool: ...
+
+    def kill(self) -> None:
+        """Stop it at once (SIGKILL to its process group); it is dead afterwards."""
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop it politely (the model's close()), within ``timeout``; then kill what is left."""
 
 
 class _Worker:
@@ -97,7 +151,7 @@ class _Worker:
         self.predict_timeout = predict_timeout
         self.start_timeout = start_timeout
         self.label = label
-        self.info: dict = {}
+        self.info: dict[str, Any] = {}
         self.dead = False
 
 
@@ -107,9 +161,11 @@ class SubprocessWorker(_Worker):
     (:mod:`daemon.engine.replies`): a reply that is oversized, undecodable or not what the request
     allows is a :class:`~daemon.errors.ProtocolError` (reason ``protocol``) and the worker is killed."""
 
-    def __init__(self, bundle_path: Path, unpack_dir: Path | None, **kw) -> None:
+    def __init__(self, bundle_path: Path, unpack_dir: Path | None, **kw: Any) -> None:
         super().__init__(bundle_path, unpack_dir, **kw)
         self.boundary = _boundary
+        self.formats = _formats
+        self._waits = RegistryWaits(self.label, needs_registry(self.formats))
         self._proc: asyncio.subprocess.Process | None = None
         self._write_lock = asyncio.Lock()
         self._read_lock = asyncio.Lock()
@@ -119,19 +175,26 @@ class SubprocessWorker(_Worker):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    async def start(self) -> dict:
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    async def start(self) -> dict[str, Any]:
         b = self.boundary
         env = worker_environment(os.environ, b.env_passthrough)
         # The release's own environment (built from its lock, cached) or the daemon's interpreter
         # (empty lock); in a thread: a first build takes seconds (docs/bundles.md, environments).
         runtime = await asyncio.to_thread(worker_python, self.bundle_path, self.unpack_dir, env.get("PYTHONPATH"))
         env["PYTHONPATH"] = os.pathsep.join(runtime.pythonpath)
+        if self.formats:  # in the environment, not argv (which any user can read): it may hold registry credentials
+            env["FAILOVERD_WORKER_FORMATS"] = json.dumps(self.formats)
         self._proc = await asyncio.create_subprocess_exec(
             runtime.executable, "-m", "daemon.engine.worker_main", str(self.bundle_path), str(self.unpack_dir or ""),
             str(self.isolation.max_records), repr(self.isolation.max_fraction), json.dumps(b.limits()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
             start_new_session=True, limit=1 << 24)
         _widen_pipes(self._proc)
+        assert self._proc.stdout is not None
         try:
             reply = await asyncio.wait_for(framing.read_async(self._proc.stdout, b.max_frame_bytes),
                                            self.start_timeout)
@@ -158,14 +221,16 @@ class SubprocessWorker(_Worker):
                                         "pid": self._proc.pid, "channel": self.label})
         return self.info
 
-    async def _call(self, request, timeout: float):
+    async def _call(self, request: tuple[Any, ...], timeout: float) -> tuple[Any, float]:
         """Send a request, wait for its answer; returns (reply, seconds since the worker could start it)."""
         if self.dead or self._proc is None:
             raise WorkerCrashed(f"{self.label} worker is not running")
+        stdin, stdout = self._proc.stdin, self._proc.stdout
+        assert stdin is not None and stdout is not None  # both are pipes (start)
         try:
             async with self._write_lock:  # requests go out in order ...
-                self._proc.stdin.write(framing.encode(request))
-                await self._proc.stdin.drain()
+                stdin.write(framing.encode(request))
+                await stdin.drain()
         except (ConnectionError, BrokenPipeError) as exc:
             return await self._died(exc)
         async with self._read_lock:  # ... and answers come back in the same order
@@ -173,9 +238,15 @@ class SubprocessWorker(_Worker):
                 raise WorkerCrashed(f"{self.label} worker (pid {self.pid}) is gone")
             t0 = time.monotonic()  # the answer before this one was read: the worker is on ours
             try:
-                reply = await asyncio.wait_for(framing.read_async(self._proc.stdout, self.boundary.max_frame_bytes),
-                                               timeout)
-                return reply, time.monotonic() - t0
+                while True:
+                    reply = await asyncio.wait_for(framing.read_async(stdout, self.boundary.max_frame_bytes), timeout)
+                    if type(reply) is tuple and reply and reply[0] == "waiting":  # the schema registry: keep-alive
+                        t0 = self._waits.waiting(reply)  # the timeout and the latency restart
+                        continue
+                    self._waits.over()
+                    return reply, time.monotonic() - t0
+            except BadKeepAlive as exc:
+                raise self._broke(str(exc)) from None
             except asyncio.TimeoutError:
                 self.dead = True
                 self.kill()
@@ -193,14 +264,15 @@ class SubprocessWorker(_Worker):
                                                               "error": detail[:300]})
         return ProtocolError(f"{self.label} worker (pid {self.pid}) broke the protocol: {detail}; killed")
 
-    async def _died(self, exc: BaseException):
+    async def _died(self, exc: BaseException) -> NoReturn:
         self.dead = True
         code = await self._reap()
         self.kill()  # what the model started dies with it
         raise WorkerCrashed(f"{self.label} worker (pid {self.pid}) died (exit code {code}{_signal_hint(code)}): "
                             f"{type(exc).__name__}") from None
 
-    async def process(self, items, states, carry=(), max_output=0):
+    async def process(self, items: list[Item], states: list[bytes | None],
+                      carry: Carry = (), max_output: int = 0) -> Answer:
         reply, seconds = await self._call(("batch", items, states, carry, max_output), self.predict_timeout)
         try:
             kind, a, b = replies.check_batch(reply, len(items), len(states))
@@ -254,11 +326,12 @@ class SubprocessWorker(_Worker):
     async def close(self, timeout: float = 5.0) -> None:
         if self._proc is None:
             return
-        if self._proc.returncode is None and not self.dead:
+        stdin = self._proc.stdin
+        if self._proc.returncode is None and not self.dead and stdin is not None:
             try:
-                self._proc.stdin.write(framing.encode(("close",)))
-                await self._proc.stdin.drain()
-                self._proc.stdin.close()
+                stdin.write(framing.encode(("close",)))
+                await stdin.drain()
+                stdin.close()
                 await asyncio.wait_for(self._proc.wait(), timeout)
             except (asyncio.TimeoutError, ConnectionError, BrokenPipeError):
                 pass
@@ -281,20 +354,27 @@ def _signal_hint(code: int | None) -> str:
 class InProcessWorker(_Worker):
     """Runs a trusted model in a dedicated thread of the daemon process."""
 
-    def __init__(self, bundle_path: Path, unpack_dir: Path | None, **kw) -> None:
+    def __init__(self, bundle_path: Path, unpack_dir: Path | None, **kw: Any) -> None:
         super().__init__(bundle_path, unpack_dir, **kw)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.label}")
-        self._processor = None
+        self._processor: BatchProcessor | None = None
 
-    pid = None
+    @property
+    def pid(self) -> int | None:
+        return None
 
-    async def start(self) -> dict:
+    @property
+    def returncode(self) -> int | None:
+        return None
+
+    async def start(self) -> dict[str, Any]:
         from daemon.engine.loading import load_processor
 
         loop = asyncio.get_running_loop()
         try:
             self._processor, self.info = await asyncio.wait_for(
-                loop.run_in_executor(self._pool, load_processor, self.bundle_path, self.unpack_dir, self.isolation),
+                loop.run_in_executor(self._pool, load_processor, self.bundle_path, self.unpack_dir, self.isolation,
+                                     None, _formats),
                 self.start_timeout)
         except asyncio.TimeoutError:
             raise BundleError(f"{self.label}: bundle {self.bundle_path} did not load within {self.start_timeout:.0f}s")
@@ -304,19 +384,24 @@ class InProcessWorker(_Worker):
             raise BundleError(f"{self.label}: bundle {self.bundle_path} failed to load: {type(exc).__name__}: {exc}")
         return self.info
 
-    async def process(self, items, states, carry=(), max_output=0):
-        if self.dead:
+    async def process(self, items: list[Item], states: list[bytes | None],
+                      carry: Carry = (), max_output: int = 0) -> Answer:
+        processor = self._processor
+        if self.dead or processor is None:
             raise WorkerCrashed(f"{self.label} in-process model is unusable after a timeout")
         loop = asyncio.get_running_loop()
         started: list[float] = []  # set by the thread: a queued batch's clock starts when it starts
 
-        def run():
+        def run() -> tuple[list[tuple[Any, ...]], dict[int, bytes | None]]:
             started.append(time.monotonic())
-            return self._processor.process(items, states, carry, max_output)
+            return processor.process(items, states, carry, max_output)
 
         fut = loop.run_in_executor(self._pool, run)
         while not fut.done():
             left = self.predict_timeout - (time.monotonic() - started[0]) if started else self.predict_timeout
+            if WAITING.since:  # waiting for the schema registry (daemon.formats): not the model's time
+                started[:] = [time.monotonic()]
+                left = min(self.predict_timeout, 0.25)
             if left <= 0:
                 self.dead = True  # the thread cannot be killed; this worker is done
                 raise WorkerTimeout(f"{self.label} in-process predict did not answer within "
@@ -329,7 +414,7 @@ class InProcessWorker(_Worker):
         return results, new_states, time.monotonic() - started[0]
 
     async def health(self) -> bool:
-        if self.dead:
+        if self.dead or self._processor is None:
             return False
         check = getattr(self._processor.model, "health_check", None)
         if not callable(check):
@@ -355,20 +440,23 @@ class InProcessWorker(_Worker):
 
 
 def make_worker(mode: str, bundle_path: Path, unpack_dir: Path | None, *, predict_timeout: float,
-                start_timeout: float, label: str, isolation: IsolationLimits | None = None):
-    cls = SubprocessWorker if mode == "subprocess" else InProcessWorker
+                start_timeout: float, label: str, isolation: IsolationLimits | None = None) -> Worker:
+    cls: type[SubprocessWorker] | type[InProcessWorker] = SubprocessWorker if mode == "subprocess" else InProcessWorker
     return cls(bundle_path, unpack_dir, predict_timeout=predict_timeout, start_timeout=start_timeout, label=label,
                isolation=isolation)
 
 
-def _widen_pipes(proc) -> None:
+def _widen_pipes(proc: asyncio.subprocess.Process) -> None:
     """Let a whole batch fit in each pipe (Linux: up to pipe-max-size, 1 MiB by default), so a
     request or an answer is written in one go instead of 64 KiB at a time between event-loop turns."""
     try:
         import fcntl
 
         size = min(1 << 20, int(Path("/proc/sys/fs/pipe-max-size").read_text()))
-        for transport in (proc.stdin.transport, proc.stdout._transport):
+        stdin, stdout = proc.stdin, proc.stdout
+        assert stdin is not None and stdout is not None
+        # asyncio's StreamReader keeps its transport private (Python 3.11-3.13)
+        for transport in (stdin.transport, stdout._transport):  # type: ignore[attr-defined]
             fcntl.fcntl(transport.get_extra_info("pipe").fileno(), fcntl.F_SETPIPE_SZ, size)
     except (OSError, ValueError, AttributeError):
         pass  # not Linux, or not allowed: 64 KiB pipes work, a little slower

@@ -12,6 +12,11 @@ fault -- ends the worker after it has answered ``("error", "oom", detail)``: the
 release over with reason ``worker_oom``. The worker leads its own process group (the daemon starts
 it in a new session); if the daemon goes away without closing it, the worker kills its whole
 group, so nothing a model started outlives it.
+
+Formats other than JSON (:mod:`daemon.formats`) come in ``FAILOVERD_WORKER_FORMATS`` (JSON; removed
+from the environment before the release is imported). While a batch waits for the schema registry,
+the worker sends ``("waiting", detail)`` every 0.25 s before its answer
+(:mod:`daemon.formats.keepalive`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from daemon.engine import framing
 
@@ -31,7 +38,7 @@ class OutOfMemory(BaseException):
     """A MemoryError in model code, raised past every ``except Exception`` of the batch code."""
 
 
-def apply_limits(limits: dict) -> list[str]:
+def apply_limits(limits: dict[str, Any]) -> list[str]:
     """setrlimit for the worker and everything it starts; returns what was applied, for the log.
     RLIMIT_DATA, not RLIMIT_AS: it counts the private writable memory a process maps (heap, arenas,
     numpy buffers, thread stacks) but not address space reserved and never made writable, which
@@ -72,19 +79,33 @@ def _watch_parent(parent: int) -> None:
             _kill_group()
 
 
+def _keep_alive(proto_out: BinaryIO, send_lock: threading.Lock) -> None:
+    """While a batch waits on the schema registry, tell the daemon so every 0.25 s (its predict
+    timeout restarts on each); checked under the send lock, so none follows the batch's answer."""
+    import time
+
+    from daemon.formats import WAITING
+
+    while True:
+        time.sleep(0.25)
+        with send_lock:
+            if WAITING.since:
+                proto_out.write(framing.encode(("waiting", WAITING.detail)))
+
+
 class _Guarded:
     """The model as BatchProcessor sees it: ``predict`` lets a MemoryError through as OutOfMemory."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: Any) -> None:
         self._model = model
 
-    def predict(self, batch):
+    def predict(self, batch: Any) -> Any:
         try:
             return self._model.predict(batch)
         except MemoryError as exc:
             raise OutOfMemory(f"MemoryError in predict: {exc}") from None
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
 
@@ -94,12 +115,16 @@ def main(argv: list[str]) -> int:
     sys.stdout = sys.stderr
     proto_in = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
 
-    def send(message) -> None:
-        proto_out.write(framing.encode(message))
+    send_lock = threading.Lock()  # the keep-alive thread writes too
+
+    def send(message: Any) -> None:
+        frame = framing.encode(message)
+        with send_lock:
+            proto_out.write(frame)
 
     if os.getpid() == os.getpgrp():  # started in its own session: its group is its own to kill
         threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
-    limits: dict = {}
+    limits: dict[str, Any] = {}
     try:
         limits = json.loads(argv[4]) if len(argv) > 4 else {}
         applied = apply_limits(limits)
@@ -109,7 +134,11 @@ def main(argv: list[str]) -> int:
         from daemon.engine.loading import load_processor
 
         isolation = IsolationLimits(int(argv[2]), float(argv[3])) if len(argv) > 3 else None
-        processor, info = load_processor(argv[0], argv[1] if len(argv) > 1 and argv[1] else None, isolation)
+        formats = json.loads(os.environ.pop("FAILOVERD_WORKER_FORMATS", "") or "{}")
+        processor, info = load_processor(Path(argv[0]), Path(argv[1]) if len(argv) > 1 and argv[1] else None, isolation,
+                                         None, formats)
+        if formats:
+            threading.Thread(target=_keep_alive, args=(proto_out, send_lock), name="keep-alive", daemon=True).start()
         processor.model = _Guarded(processor.model)
     except MemoryError as exc:
         send(("error", "load", f"MemoryError while loading (worker.memory_mb = {limits.get('memory_mb')}): {exc}"))
@@ -150,7 +179,7 @@ def main(argv: list[str]) -> int:
             else:
                 send(("error", "protocol", f"unknown request {kind!r}"))
         except (MemoryError, OutOfMemory) as exc:
-            results = states = None  # what the batch held, freed so the answer can be written
+            results, states = [], {}  # what the batch held, freed so the answer can be written
             gc.collect()
             send(("error", "oom", f"{type(exc).__name__}: {exc}"[:2000]))
             return 4

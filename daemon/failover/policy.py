@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 
 
 class FailoverPolicy:
-    def __init__(self, *, cooldown_s: float, max_failovers: int, window_s: float, clock=time.monotonic) -> None:
+    def __init__(self, *, cooldown_s: float, max_failovers: int, window_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cooldown_s = cooldown_s
         self.max_failovers = max_failovers
         self.window_s = window_s

@@ -27,8 +27,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from daemon import metrics as m
+from daemon.engine.control import EngineControl
+from daemon.engine.release import LoadedRelease
 
 log = logging.getLogger("failoverd.standby")
 
@@ -37,14 +40,14 @@ MAX_DELAY_S = 60.0
 POLL_S = 0.25
 """How often the keeper looks for a dead standby (the engine loop marks it within 0.5 s)."""
 
-Loader = Callable[[Path, str], Awaitable[object]]
-OnInstalled = Callable[[object, object], Awaitable[None]]
+Loader = Callable[[Path, str], Awaitable[LoadedRelease]]
+OnInstalled = Callable[[EngineControl, LoadedRelease], Awaitable[None]]
 
 
 class StandbyKeeper:
     def __init__(self, *, loader: Loader, path: Path | None, on_installed: OnInstalled | None = None,
                  initial_delay: float = INITIAL_DELAY_S, max_delay: float = MAX_DELAY_S, poll: float = POLL_S,
-                 clock=time.monotonic, wall=time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.loader = loader
         self._path = Path(path) if path is not None else None
         self.on_installed = on_installed
@@ -88,9 +91,9 @@ class StandbyKeeper:
         self._retry_at = self._retry_wall = None
         self._wake.set()
 
-    def pending(self, engine) -> dict | None:
+    def pending(self, engine: EngineControl) -> dict[str, Any] | None:
         """What /status shows while the target is not the installed, healthy standby (else None)."""
-        if self._path is None or _healthy(engine.standby, self._path):
+        if self._path is None or _healthy(engine.releases.standby, self._path):
             return None
         left = None if self._retry_at is None else round(max(0.0, self._retry_at - self.clock()), 1)
         return {"bundle": str(self._path), "loading": self.loading, "failures": self.failures,
@@ -98,11 +101,11 @@ class StandbyKeeper:
                 "next_retry_in_s": left}
 
     # ---- the loop --------------------------------------------------------------------------
-    async def run(self, engine) -> None:
+    async def run(self, engine: EngineControl) -> None:
         """Until the engine stops: drop a dead standby, load the target, install it."""
         while not (engine.stopping.is_set() or engine.closing):
-            sb = engine.standby
-            if sb is not None and getattr(sb.worker, "dead", False):
+            sb = engine.releases.standby
+            if sb is not None and sb.worker.dead:
                 await self._drop_dead(engine, sb)
                 continue
             path = self._path
@@ -130,13 +133,13 @@ class StandbyKeeper:
         self._retry_wall = self.wall() + delay
         return delay
 
-    async def _attempt(self, engine, path: Path) -> None:
+    async def _attempt(self, engine: EngineControl, path: Path) -> None:
         try:
             await self._load_and_install(engine, path)
         finally:
             self.first_attempt.set()
 
-    async def _load_and_install(self, engine, path: Path) -> None:
+    async def _load_and_install(self, engine: EngineControl, path: Path) -> None:
         self.loading = True
         self._retry_at = self._retry_wall = None
         try:
@@ -165,11 +168,10 @@ class StandbyKeeper:
         async with engine.lock:
             installed = not (engine.stopping.is_set() or engine.closing) and path == self._path
             if installed:
-                old, engine.standby = engine.standby, release
-                engine._publish_release_info()
+                old = engine.install_standby(release)
                 self.failures, self.error = 0, None
                 self._installed_at = self.clock()
-                log.info("standby loaded", extra={"release": release.ref, "pid": getattr(release.worker, "pid", None)})
+                log.info("standby loaded", extra={"release": release.ref, "pid": release.worker.pid})
                 if self.on_installed is not None:
                     await self.on_installed(engine, release)
         if not installed:
@@ -177,17 +179,14 @@ class StandbyKeeper:
         if old is not None and old is not release:
             await old.worker.close(timeout=2.0)  # the standby it replaces
 
-    async def _drop_dead(self, engine, sb) -> None:
+    async def _drop_dead(self, engine: EngineControl, sb: LoadedRelease) -> None:
         """Take a dead standby out of the engine and schedule its reload (at once if it had been up
         for a while, else after the backoff)."""
         async with engine.lock:
-            if engine.standby is not sb:
+            if not engine.drop_standby(sb):
                 return
-            engine.standby = None
-            engine._publish_release_info()
-        proc = getattr(sb.worker, "_proc", None)
-        code = proc.returncode if proc is not None else None
-        pid = getattr(sb.worker, "pid", None)
+        code = sb.worker.returncode
+        pid = sb.worker.pid
         why = (f"standby worker {sb.ref} (pid {pid}) died (exit code {code})" if code is not None
                else f"standby worker {sb.ref} (pid {pid}) failed (a shadow batch failed or timed out)")
         if self._path is None:
@@ -204,5 +203,5 @@ class StandbyKeeper:
         await sb.worker.close(timeout=1.0)
 
 
-def _healthy(standby, path: Path) -> bool:
-    return standby is not None and not getattr(standby.worker, "dead", False) and standby.bundle_path == path
+def _healthy(standby: LoadedRelease | None, path: Path) -> bool:
+    return standby is not None and not standby.worker.dead and standby.bundle_path == path

@@ -281,7 +281,7 @@ complete_line "failoverd dlq replay --dry"
 '''
     out = subprocess.run(["bash", "-c", probe, "probe", str(script)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["verify", "up down status", "active standby", "--dry-run"], out.stdout
+    assert out.stdout.splitlines() == ["verify", "up down status token", "active standby", "--dry-run"], out.stdout
 
 
 # ---- the demo's report ends with commands that work as printed ----------------------------------

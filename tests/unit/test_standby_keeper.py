@@ -20,6 +20,7 @@ from tests.unit.test_failover_logic import Clock
 class FakeWorker:
     def __init__(self, pid: int, healthy: bool = True) -> None:
         self.pid, self.healthy, self.dead, self.closed, self.label = pid, healthy, False, False, "standby"
+        self.returncode = None
 
     async def health(self) -> bool:
         return self.healthy
@@ -41,21 +42,80 @@ class FakeRelease:
 
 
 class FakeEngine:
+    """The engine's control surface (daemon.engine.control.EngineControl) over plain attributes."""
+
     def __init__(self, active=None, standby=None) -> None:
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.closing = False
         self.active, self.standby = active, standby
-        self.paused, self.pending_change, self.partitions = False, None, {}
-        self.instance_id, self.agreement, self.release_since = "test", [0, 0], {}
+        self.paused, self.pending_change, self.pending_failure = False, None, None
+        self.instance_id, self.failed_at, self.last_replay = "test", 0.0, 0
         self.published = 0
-        self.after_checkpoint: list = []
+        self.hooks: list = []
 
-    def _publish_release_info(self) -> None:
+    @property
+    def releases(self):
+        from daemon.engine.control import Releases
+
+        return Releases(self.active, self.standby)
+
+    @property
+    def is_paused(self) -> bool:
+        return self.paused
+
+    def publish_release_info(self) -> None:
         self.published += 1
+
+    def switch_active(self, release) -> None:
+        release.channel = "active"
+        self.active = release
+
+    def install_standby(self, release):
+        old, self.standby = self.standby, release
+        if release is not None:
+            release.channel = "standby"
+        self.publish_release_info()
+        return old
+
+    def drop_standby(self, release) -> bool:
+        if self.standby is not release:
+            return False
+        self.install_standby(None)
+        return True
+
+    def pause(self, why: str) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def request_failover(self, failure) -> bool:
+        if self.pending_failure is not None:
+            return False
+        self.pending_failure = failure
+        return True
+
+    def request_change(self, change, *, replace: bool = True) -> bool:
+        if not replace and self.pending_change is not None:
+            return False
+        self.pending_change = change
+        return True
 
     def mark_activated(self, release) -> None:
         pass
+
+    def checkpoint_soon(self) -> None:
+        pass
+
+    def committed_offsets(self) -> dict:
+        return {}
+
+    def release_started(self, digest: str):
+        return None
+
+    def on_checkpoint(self, hook) -> None:
+        self.hooks.append(hook)
 
 
 class FlakyLoader:
