@@ -11,6 +11,8 @@ engine behind it is not its business.
     POST /failover   {"reason"}                            -> controller.request_failover
     POST /promote    {"ref", "channel", "reason"}          -> controller.request_promote
     POST /rollback   {"to": ref|null, "reason", "rescore"} -> controller.request_rollback
+    GET  /bundles/<digest>  the archive this instance holds (read-only; admin or read token;
+                     range requests): how peers fetch bundles by digest (daemon/distribution)
 
 POST endpoints need ``Authorization: Bearer <token>`` (compared in constant time). With no token
 configured they are disabled (403); a missing or wrong token gets 401. The token never reaches a
@@ -25,7 +27,8 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,6 +48,7 @@ DEFAULT_BIND = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 TOKEN_ENV = "FAILOVERD_ADMIN_TOKEN"
 CHANNELS = ("active", "standby")
 _MAX_BODY = 64 * 1024
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 NO_TOKEN_MESSAGE = (
     "mutating admin endpoints are disabled because no admin token is configured; put a random "
     "token in a file readable only by the daemon and set admin.token_file to it, or set "
@@ -145,10 +149,13 @@ class AdminServer:
     """
 
     def __init__(self, bind: str | None, controller: Controller, token: str | None = None,
-                 registry: CollectorRegistry = metrics.REGISTRY) -> None:
+                 registry: CollectorRegistry = metrics.REGISTRY, *,
+                 bundles: Callable[[str], Path | None] | None = None, read_token: str | None = None) -> None:
         self.host, self._requested_port = parse_bind(bind or DEFAULT_BIND)
         self.controller = controller
         self._token = token.encode() if token else None
+        self._read_token = read_token.encode() if read_token else None
+        self._bundles = bundles
         self.registry = registry
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -210,6 +217,7 @@ class AdminServer:
             web.post("/failover", self._failover),
             web.post("/promote", self._promote),
             web.post("/rollback", self._rollback),
+            web.get("/bundles/{digest}", self._bundle),
         ])
         return app
 
@@ -237,6 +245,28 @@ class AdminServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
+
+    async def _bundle(self, request: web.Request) -> web.StreamResponse:
+        """The archive stored under a digest, for a peer to fetch (it verifies the bytes itself)."""
+        tokens = [t for t in (self._token, self._read_token) if t]
+        where = {"path": request.path, "remote": request.remote}
+        if not tokens:
+            raise _error(web.HTTPForbidden, "serving bundles is disabled because no admin or read token is "
+                         "configured; set admin.token_file or registry.read_token_file (docs/operations.md)")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(given.strip().encode(), t) for t in tokens)
+        if not ok:
+            log.warning("bundle request refused: missing or wrong token", extra=where)
+            raise _error(web.HTTPUnauthorized, "missing or wrong `Authorization: Bearer <token>` (admin or read token)",
+                         headers={"WWW-Authenticate": 'Bearer realm="failoverd"'})
+        digest = request.match_info["digest"]
+        if not _DIGEST.fullmatch(digest):
+            raise _bad_request("a bundle is named by its full digest (64 lowercase hex characters)")
+        path = self._bundles(digest) if self._bundles is not None else None
+        if path is None:
+            raise _error(web.HTTPNotFound, f"bundle {digest[:12]} is not held by this instance")
+        log.info("serving bundle", extra={"digest": digest[:12], **where})
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
     async def _failover(self, request: web.Request) -> web.Response:
         body = await self._authorized_body(request)

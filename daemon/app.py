@@ -17,6 +17,7 @@ from daemon.engine.worker import Boundary, set_boundary, set_formats
 from daemon.errors import RegistryError
 
 if TYPE_CHECKING:
+    from daemon.distribution.fetch import Fetcher
     from daemon.failover.controller import FailoverController
 
 log = logging.getLogger("failoverd.app")
@@ -42,7 +43,9 @@ def resolve_bundles(settings, active_bundle: Path | None, standby_bundle: Path |
                             "--active-bundle PATH")
     standby = status.get("standby")
     a = registry.bundle_path(active.digest)
-    s = registry.bundle_path(standby.digest) if standby is not None and standby.digest != active.digest else None
+    # a standby not fetched yet: its registry path; the loader fetches it, the standby keeper retries
+    s = (registry.bundle_path(standby.digest, missing_ok=True)
+         if standby is not None and standby.digest != active.digest else None)
     if standby_bundle is not None:
         s = Path(standby_bundle)
     return a, s
@@ -86,6 +89,8 @@ class AppControl:
         if engine and controller:
             doc["standby"] = self._standby_block(engine, controller, doc.get("standby"), doc["standby_ready"])
         doc["failovers"] = controller.recent() if controller else []
+        if self.app.fetcher is not None:
+            doc["bundle_fetches"] = self.app.fetcher.status()
         doc["ready"], doc["ready_reason"] = self.ready()
         return doc
 
@@ -111,8 +116,10 @@ class AppControl:
     async def _registry_change(self, fn, event_extra: dict | None = None) -> dict:
         from daemon import control
 
+        from daemon.distribution.peers import advertise_url
+
         release = await asyncio.to_thread(fn)
-        event = dict(control.release_event(release), **(event_extra or {}))
+        event = dict(control.release_event(release), holders=[advertise_url(self.app.settings)], **(event_extra or {}))
         await control.publish(self.app.settings.kafka.client_kwargs(), self.app.settings.registry.control_topic, event)
         return {"accepted": True, "release": release.to_dict(),
                 "note": "takes effect at the next checkpoint boundary on every instance"}
@@ -138,9 +145,12 @@ class App:
         self.engine: Engine | None = None
         self.engine_task: asyncio.Task | None = None
         self.controller: FailoverController | None = None
+        self.fetcher: Fetcher | None = None
         self._signals = 0
 
     async def _load(self, path: Path, channel: str) -> LoadedRelease:
+        if self.fetcher is not None:  # a registry archive not held yet is fetched by digest first
+            path = await self.fetcher.ensure_path(path)
         w, f = self.settings.worker, self.settings.failover
         set_boundary(Boundary.from_settings(w))  # frame limit, environment, resource limits of the worker
         set_formats(formats.spec_of(self.settings))  # [inputs]/[output] format, [schema_registry] (daemon/formats)
@@ -217,7 +227,13 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig.name)
         token = load_token(s.admin.token_file, s.admin.token_env)
-        admin = AdminServer(s.admin.bind, AppControl(self), token)
+        read_token = load_token(s.registry.read_token_file, None)
+        from daemon.distribution.fetch import Fetcher
+        from daemon.registry import Registry
+
+        self.fetcher = Fetcher.from_settings(s, read_token or token)
+        admin = AdminServer(s.admin.bind, AppControl(self), token, bundles=Registry(s.registry.path).store.path,
+                            read_token=read_token)
         await admin.start()
         stops = [admin.stop, *self._start_metrics()]
         background: list[asyncio.Task] = []
@@ -225,6 +241,7 @@ class App:
             self.notifier.status("loading releases")
             if self.active_bundle is None:
                 await self._sync_registry()
+                await self._fetch_releases()
             a_path, s_path = resolve_bundles(s, self.active_bundle, self.standby_bundle)
             # The active's model process starts while Kafka connects, joins the group and restores
             # state. The standby (hot/warm) loads beside it in the background: one that cannot load
@@ -300,6 +317,25 @@ class App:
                 log.info("release log synced from the control topic", extra={"added": len(added)})
         except Exception as exc:  # noqa: BLE001 - the local log still names a release to start with
             log.warning("could not sync the release log from the control topic", extra={"error": str(exc)})
+
+    async def _fetch_releases(self) -> None:
+        """Fetch the archives of the current releases this registry lacks (a new host joining, a
+        host that missed promotions while down). The active must arrive; a standby that cannot be
+        fetched is left to the standby keeper ("standby unavailable", retried)."""
+        from daemon.registry import Registry
+
+        assert self.fetcher is not None
+        status = Registry(self.settings.registry.path).status()
+        active, standby = status.get("active"), status.get("standby")
+        if active is not None:
+            self.notifier.status(f"fetching the active bundle {active.ref}")
+            await self.fetcher.ensure(active.digest)
+        if standby is not None and (active is None or standby.digest != active.digest):
+            try:
+                await self.fetcher.ensure(standby.digest)
+            except RegistryError as exc:
+                log.warning("standby bundle not fetched yet; the standby keeper retries",
+                            extra={"release": standby.ref, "error": str(exc)})
 
     async def _notify_ready(self) -> None:
         """READY=1 once partitions are assigned and state restored; STATUS= lines on changes."""

@@ -5,7 +5,8 @@ Events are JSON objects (orjson) on one compacted topic, one partition recommend
     key b"release/active", b"release/standby"   the channel's current release (compaction keeps the latest)
     key b"event/<id>"                            every event, releases included (history; unique keys)
 
-A release event is :meth:`daemon.registry.Release.to_dict` plus ``"type": "release"``; other
+A release event is :meth:`daemon.registry.Release.to_dict` plus ``"type": "release"`` (and, optional,
+``"holders"``: the admin URLs of instances that hold its bundle, to fetch it from); other
 events (``"type": "failover"``, ``"failover_request"``) are objects with a ``type`` and an ``id``.
 
 :func:`check_event` is the one place that decides whether a record is an event failoverd can
@@ -86,6 +87,11 @@ def check_event(value: Any) -> Event:
             bad.append("kind")
         if not isinstance(value.get("rescore", False), bool):
             bad.append("rescore")
+        holders = value.get("holders", [])  # optional: admin URLs holding the bundle (daemon/distribution)
+        if not isinstance(holders, list) or not all(isinstance(h, str) for h in holders):
+            bad.append("holders")
+        if not isinstance(value.get("source"), (str, type(None))):
+            bad.append("source")
     if kind == "failover_request" and not isinstance(value.get("reason", ""), str):
         bad.append("reason")
     if bad:

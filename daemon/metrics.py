@@ -74,6 +74,13 @@ READY = Gauge("failoverd_ready", "1 when partitions are assigned, state restored
 STANDBY_LOAD_FAILURES = Counter("failoverd_standby_load_failures",
                                 "Failed attempts to load the hot/warm standby (retried with backoff; "
                                 "daemon/failover/standby.py)", registry=REGISTRY)
+BUNDLE_FETCHES = Counter("failoverd_bundle_fetches",
+                         "Bundle downloads by digest from one source, by result: ok, refused (bytes that do "
+                         "not match the digest), failed (source unreachable, HTTP error); daemon/distribution",
+                         ["result"], registry=REGISTRY)
+BUNDLE_FETCHES_IN_PROGRESS = Gauge("failoverd_bundle_fetches_in_progress",
+                                   "Bundles being fetched by digest right now (daemon/distribution)",
+                                   registry=REGISTRY)
 
 # ---- control topic (daemon/coordination.py, daemon/control.py) ----------------------------
 CONTROL_FOLLOWING = Gauge("failoverd_control_following",

@@ -49,6 +49,7 @@ CHANNELS = ("active", "standby")
 KINDS = ("promote", "rollback", "failover")
 LOG_NAME = "releases.jsonl"
 _DIGEST_RE = re.compile(r"^[0-9a-f]{8,64}$")
+_OPTIONAL = frozenset({"source"})  # release entries written before these fields existed stay valid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,8 @@ class Release:
     who: str
     why: str
     kind: str
+    source: str | None = None
+    """Where the bundle came from into this registry (``bundle pull``/``push``, a fetch), when known."""
 
     @property
     def ref(self) -> str:
@@ -76,10 +79,10 @@ class Release:
         if not isinstance(doc, dict):
             raise RegistryError(f"{where}: expected a JSON object, got {type(doc).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(fields - doc.keys())
+        missing = sorted(fields - doc.keys() - _OPTIONAL)
         if missing:
             raise RegistryError(f"{where}: release entry lacks {', '.join(missing)}")
-        r = cls(**{k: doc[k] for k in fields})
+        r = cls(**{k: doc[k] for k in fields if k in doc})
         if r.channel not in CHANNELS or r.kind not in KINDS or not isinstance(r.epoch, (int, float)):
             raise RegistryError(f"{where}: release entry has channel={r.channel!r} kind={r.kind!r} "
                                 f"epoch={r.epoch!r}; expected channel in {CHANNELS}, kind in {KINDS}")
@@ -229,8 +232,9 @@ class Registry:
 
     # -- bundles ---------------------------------------------------------------------------
 
-    def add(self, bundle_archive: Path) -> str:
-        """Verify the archive and store it; returns its digest. Idempotent."""
+    def add(self, bundle_archive: Path, *, source: str | None = None) -> str:
+        """Verify the archive and store it; returns its digest. Idempotent. ``source`` (where it
+        came from: a peer, another registry) is kept beside it, the first time, for the release log."""
         archive = Path(bundle_archive)
         if archive.is_dir():
             raise RegistryError(f"registry {self.path}: {archive} is a directory; the registry stores archives; "
@@ -249,7 +253,22 @@ class Registry:
                         f"digest {digest[:12]}, and this archive has different content (digest {bundle.digest[:12]}); "
                         f"fix: bump [bundle] version in bundle.toml and rebuild: a name@version names one bundle")
             self.store.put(bundle.digest, archive, bundle.manifest)
+            if source and self.bundle_dir is not None and not self._source_file(bundle.digest).exists():
+                self._source_file(bundle.digest).write_text(source + "\n", encoding="utf-8")
         return bundle.digest
+
+    def _source_file(self, digest: str) -> Path:
+        assert self.bundle_dir is not None
+        return self.bundle_dir / f"{digest}.source"
+
+    def source_of(self, digest: str) -> str | None:
+        """Where the bundle came from into this registry (None: added from a file here, or unknown)."""
+        if self.bundle_dir is None:
+            return None
+        try:
+            return self._source_file(digest).read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
 
     def find(self, name: str, version: str) -> str:
         for digest in self.store.digests():
@@ -275,8 +294,17 @@ class Registry:
                                 f"(`--bundle PATH`) or check `failoverd release status`")
         raise RegistryError(f"registry {self.path}: {ref!r} is neither NAME@VERSION nor a digest")
 
-    def bundle_path(self, digest: str) -> Path:
+    @property
+    def bundle_dir(self) -> Path | None:
+        """Where the local store keeps archives (None for another store)."""
+        return self.store.root if isinstance(self.store, LocalBundleStore) else None
+
+    def bundle_path(self, digest: str, *, missing_ok: bool = False) -> Path:
+        """The archive of ``digest``. ``missing_ok``: where it will be once fetched
+        (daemon/distribution), instead of a RegistryError, when it is not stored yet."""
         p = self.store.path(digest)
+        if p is None and missing_ok and self.bundle_dir is not None:
+            return self.bundle_dir / f"{digest}.fdb"
         if p is None:
             raise RegistryError(f"registry {self.path}: bundle {digest[:12]} is not stored here; fix: add its "
                                 f"archive (`failoverd release promote ... --bundle PATH`)")
@@ -335,7 +363,7 @@ class Registry:
         epoch = max(time.time(), last + 1e-6)  # strictly increasing even if the clock steps back
         release = Release(id=uuid.uuid4().hex, time=_iso(epoch), epoch=epoch, channel=channel, name=bundle.name,
                           version=bundle.version, digest=bundle.digest, who=who or default_who(), why=reason,
-                          kind=kind)
+                          kind=kind, source=self.source_of(bundle.digest))
         self.log.append([release])
         return release
 
@@ -414,6 +442,7 @@ class Registry:
 
         Events :func:`daemon.control.check_event` refuses are skipped, logged and counted."""
         from daemon import control
+        from daemon.distribution import peers
 
         with self._locked():
             known = {r.id for r in self.log.read()}
@@ -426,6 +455,7 @@ class Registry:
                     continue
                 if event.get("type") != "release":
                     continue
+                peers.note_event(event)  # who announced holding its bundle (a source to fetch it from)
                 doc = {k: v for k, v in event.items() if k != "type"}
                 r = Release.from_dict(doc, "control topic release event")
                 if r.id not in known:

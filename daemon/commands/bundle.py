@@ -54,6 +54,46 @@ def register(sub) -> None:
     t.add_argument("--unpack-dir", type=Path, help="where archives are unpacked (default: user cache)")
     t.set_defaults(func=run_try)
 
+    for name, helptext in (("push", "copy a stored bundle to another registry directory or an object store "
+                                    "(fsspec URL), digest unchanged"),
+                           ("pull", "fetch a bundle by digest from an instance's admin URL, another registry "
+                                    "directory or an object store; verified by digest, source remembered")):
+        q = bsub.add_parser(name, help=helptext)
+        if name == "push":
+            q.add_argument("ref", help="NAME@VERSION or digest in this registry")
+            q.add_argument("--to", required=True, help="registry directory, or fsspec URL (s3://bucket/prefix)")
+        else:
+            q.add_argument("digest", help="the full digest (64 hex characters)")
+            q.add_argument("--from", dest="source", required=True,
+                           help="http(s):// admin URL of an instance, registry directory, or fsspec URL")
+            q.add_argument("--token-file", type=Path, help="bearer token for an admin URL (admin or read token)")
+        q.add_argument("--config", type=Path, default=None, help="configuration file ([registry] path)")
+        q.add_argument("--registry", type=Path, help="registry directory (overrides [registry] path)")
+        q.add_argument("--json", action="store_true", help="print {digest, path|to, new} as JSON")
+        q.set_defaults(func=run_push if name == "push" else run_pull)
+
+
+def run_push(args) -> int:
+    from daemon.commands.release import _registry
+    from daemon.distribution.transfer import push
+
+    digest, new = push(_registry(args, must_exist=True), args.ref, args.to)
+    doc = {"digest": digest, "to": args.to, "new": new}
+    print(json.dumps(doc) if args.json else f"{'pushed' if new else 'already there:'} {digest} -> {args.to}")
+    return 0
+
+
+def run_pull(args) -> int:
+    from daemon.admin import load_token
+    from daemon.commands.release import _registry
+    from daemon.distribution.transfer import pull
+
+    token = load_token(args.token_file, None) if args.token_file else None
+    path = pull(_registry(args), args.digest, args.source, token)
+    doc = {"digest": args.digest, "path": str(path), "from": args.source}
+    print(json.dumps(doc) if args.json else f"pulled {args.digest} from {args.source} into {path}")
+    return 0
+
 
 def run_build(args) -> int:
     from daemon.bundle.build import build

@@ -148,6 +148,31 @@ def _publish(args, release, extra: dict | None = None) -> str | None:
     return topic
 
 
+def _upload(args, registry, digest: str) -> None:
+    """With ``[registry] bundle_store``, put the archive there once (keyed by digest) for every instance."""
+    settings = _settings(args) if args.registry is None else None
+    url = getattr(getattr(settings, "registry", None), "bundle_store", None)
+    if not url:
+        return
+    from daemon.distribution.objectstore import ObjectStoreSource
+
+    new = ObjectStoreSource(url).upload(digest, registry.bundle_path(digest))
+    _say(args, f"{'uploaded' if new else 'already in'} {url}/{digest}.fdb")
+
+
+def _holders(args) -> dict:
+    """``holders`` of a release event: the daemon of --config serves the bundle this registry holds
+    to the other instances (daemon/distribution); none without a configuration."""
+    if args.registry is not None:
+        return {}
+    settings = _settings(args)
+    if settings is None:
+        return {}
+    from daemon.distribution.peers import advertise_url
+
+    return {"holders": [advertise_url(settings)]}
+
+
 def _say(args, text: str) -> None:
     """A progress line of the text output (``--json`` prints one document at the end instead)."""
     if not getattr(args, "json", False):
@@ -168,6 +193,7 @@ def run_promote(args) -> int:
     if args.bundle is not None:
         added = registry.add(args.bundle)
         _say(args, f"added {args.bundle} as {added}")
+        _upload(args, registry, added)
     _check_environment(args, registry)
     if not args.allow_incompatible_schema:
         _check_output_subject(args, registry)
@@ -179,7 +205,7 @@ def run_promote(args) -> int:
         _say(args, f"promoted {release.ref} ({release.digest[:12]}) to {release.channel}")
     else:
         _say(args, f"{release.ref} is already on channel {release.channel} (since {release.time}); nothing written")
-    topic = _publish(args, release)
+    topic = _publish(args, release, _holders(args))
     _published(args, topic, {"added": added, "changed": changed, "release": release.to_dict()})
     return 0
 

@@ -291,6 +291,15 @@ class RegistrySettings(Section):
     # member count its manifest may declare; the CLI reads the same FAILOVERD_REGISTRY__* variables.
     bundle_max_unpacked_bytes: int = key(4 << 30, min=1)
     bundle_max_members: int = key(100_000, min=2)
+    # Fetching bundles by digest from other instances (daemon/distribution, docs/operations.md#three-hosts):
+    # this instance's admin URL as peers reach it (default http://<admin.bind>), peers to try after the
+    # holders named by release events, the token GET /bundles also accepts (and sends to peers), and an
+    # fsspec URL of an object store keyed by digest (optional extra `failoverd[objectstore]`).
+    advertise_url: str | None = key(None, pattern=re.compile(r"https?://\S+"), pattern_text="an http(s):// URL")
+    peers: tuple[str, ...] | None = key(None, pattern=re.compile(r"https?://\S+"), pattern_text="an http(s):// URL")
+    read_token_file: Path | None = key(None)
+    fetch_timeout_ms: int = key(60000, min=1)
+    bundle_store: str | None = key(None)
 
 
 def _passthrough_name(name: str) -> str | None:

@@ -35,12 +35,16 @@ from typing import Any
 from daemon import metrics as m
 from daemon.engine.control import BatchSummary, Change, EngineControl
 from daemon.engine.release import LoadedRelease
+from daemon.distribution.sources import FetchError
 from daemon.errors import ReleaseFailure
 from daemon.failover.policy import FailoverPolicy
 from daemon.failover.signals import HealthMonitor
 from daemon.failover.standby import StandbyKeeper
 
 log = logging.getLogger("failoverd.failover")
+
+FETCH_RETRY_S = 10.0
+"""A release change whose bundle no source could deliver is applied again after this long."""
 
 Recorder = Callable[[dict[str, Any], Path], Coroutine[Any, Any, None]]
 Loader = Callable[[Path, str], Awaitable[LoadedRelease]]
@@ -227,6 +231,9 @@ class FailoverController:
         except Exception as exc:  # noqa: BLE001 - a bad promotion must not take the daemon down
             log.error("could not apply the release change; keeping the current releases",
                       extra={"change": {k: v for k, v in change.items() if k != "rescore"}, "error": str(exc)})
+            if isinstance(exc, FetchError):  # no source has the bundle yet (its holder down?): try again later
+                self._deferred = change
+                self._spawn(self._requeue(engine, change, FETCH_RETRY_S))
         engine.publish_release_info()
 
     async def _switch_active(self, engine: EngineControl, change: Change, want_active: str,
@@ -281,7 +288,8 @@ class FailoverController:
     def bundle_path(self, digest: str) -> Path:
         from daemon.registry import Registry
 
-        return Registry(self.settings.registry.path).bundle_path(digest)
+        # not held yet: the path it will have; the loader fetches it by digest (daemon/distribution)
+        return Registry(self.settings.registry.path).bundle_path(digest, missing_ok=True)
 
     async def _retry_after_cooldown(self, engine: EngineControl, reason: str, detail: str) -> None:
         await asyncio.sleep(self.policy.cooldown_left() + 0.01)
