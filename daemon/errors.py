@@ -12,7 +12,8 @@ Every error a user can cause says what was wrong and how to fix it.
     ├── BundleError            a bundle is malformed, unsafe or does not verify
     │   └── IntegrityError     a file does not match its manifest digest
     ├── RegistryError          release log / registry problems (unknown release, nothing to roll back to)
-    │   └── ControlTopicError  the control topic could not be read or written (retriable)
+    │   ├── ControlTopicError  the control topic could not be read or written (retriable)
+    │   └── FetchError     no source could deliver a bundle by digest (distribution/sources.py)
     ├── CheckpointFailed       a checkpoint committed in the background failed (retriable: the engine rewinds)
     └── ReleaseFailure         the running release failed (worker died, timed out, raised)
         ├── BatchFailed        predict raised for a whole batch (reason ``exception``)
@@ -21,7 +22,7 @@ Every error a user can cause says what was wrong and how to fix it.
         ├── WorkerOutOfMemory  the worker hit its memory limit (said so before it exited)
         └── ProtocolError      the worker sent an oversized, undecodable or unexpected frame
 
-Errors that may go away on their own carry ``retriable = True`` (as in aiokafka). The three defined
+Errors that may go away on their own carry ``retriable = True`` (as in aiokafka). The four defined
 beside the one command or tool that raises them are named with their module. Inside the release
 boundary, what a worker sends wrong (``engine.framing.FrameError``, ``engine.replies.BadReply``)
 becomes a ProtocolError before anything else sees it.
