@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from daemon import formats, metrics as m
 from daemon.engine.engine import Engine
 from daemon.engine.release import LoadedRelease, load_release
-from daemon.engine.worker import Boundary, set_boundary, set_formats
+from daemon.engine.worker import Boundary, set_bindings, set_boundary, set_formats
 from daemon.errors import RegistryError
 
 if TYPE_CHECKING:
@@ -128,7 +128,8 @@ class AppControl:
         from daemon.registry import Registry
 
         registry = Registry(self.app.settings.registry.path)
-        return await self._registry_change(lambda: registry.promote(ref, channel, reason))
+        bound = dict(self.app.settings.bindings)
+        return await self._registry_change(lambda: registry.promote(ref, channel, reason, bindings=bound))
 
     async def request_rollback(self, to: str | None, reason: str, rescore: bool) -> dict:
         from daemon.registry import Registry
@@ -154,6 +155,7 @@ class App:
         w, f = self.settings.worker, self.settings.failover
         set_boundary(Boundary.from_settings(w))  # frame limit, environment, resource limits of the worker
         set_formats(formats.spec_of(self.settings))  # [inputs]/[output] format, [schema_registry] (daemon/formats)
+        set_bindings({name: str(p) for name, p in self.settings.bindings.items()})  # [bindings] (docs/bundles.md)
         return await load_release(path, channel=channel, mode=w.mode,
                                   unpack_dir=Path(self.settings.state.directory) / "bundles",
                                   predict_timeout=w.predict_timeout_ms / 1000,

@@ -54,6 +54,9 @@ class ModelContext:
     """Data files by their manifest name, as absolute paths."""
     manifest: dict[str, Any]
     """The whole manifest as parsed."""
+    bindings: dict[str, Path] = dataclasses.field(default_factory=dict)
+    """Per-environment inputs (the manifest's ``[bindings]``) by name: the file or directory this
+    environment's configuration binds each to, as absolute paths."""
 
 
 def normalize(result: Any) -> Prediction | RecordError:

@@ -31,7 +31,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
@@ -49,7 +49,7 @@ CHANNELS = ("active", "standby")
 KINDS = ("promote", "rollback", "failover")
 LOG_NAME = "releases.jsonl"
 _DIGEST_RE = re.compile(r"^[0-9a-f]{8,64}$")
-_OPTIONAL = frozenset({"source"})  # release entries written before these fields existed stay valid
+_OPTIONAL = frozenset({"source", "bindings"})  # release entries written before these fields existed stay valid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,9 @@ class Release:
     kind: str
     source: str | None = None
     """Where the bundle came from into this registry (``bundle pull``/``push``, a fetch), when known."""
+    bindings: dict[str, str] | None = None
+    """{name: content digest} of the bindings the bundle declares, as bound where it was promoted
+    (docs/bundles.md#bindings); None when it declares none or the promotion did not check them."""
 
     @property
     def ref(self) -> str:
@@ -358,12 +361,13 @@ class Registry:
         except BundleError as exc:
             raise RegistryError(f"registry {self.path}: refusing to {action} {self._ref_of(digest)}: {exc}") from exc
 
-    def _append(self, channel: str, bundle: Bundle, reason: str, who: str | None, kind: str) -> Release:
+    def _append(self, channel: str, bundle: Bundle, reason: str, who: str | None, kind: str,
+                bindings: dict[str, str] | None = None) -> Release:
         last = max((r.epoch for r in self.log.read()), default=0.0)
         epoch = max(time.time(), last + 1e-6)  # strictly increasing even if the clock steps back
         release = Release(id=uuid.uuid4().hex, time=_iso(epoch), epoch=epoch, channel=channel, name=bundle.name,
                           version=bundle.version, digest=bundle.digest, who=who or default_who(), why=reason,
-                          kind=kind, source=self.source_of(bundle.digest))
+                          kind=kind, source=self.source_of(bundle.digest), bindings=bindings or None)
         self.log.append([release])
         return release
 
@@ -379,15 +383,19 @@ class Registry:
         return reason
 
     def promote(self, ref: str, channel: str, reason: str, who: str | None = None, kind: str = "promote", *,
-                check_schemas: bool = True) -> Release:
+                check_schemas: bool = True, bindings: Mapping[str, Path] | None = None) -> Release:
         """Put the bundle ``ref`` (name@version or digest) on ``channel``; returns the log entry.
 
         Promoting what a channel already holds writes nothing and returns the current entry.
+        ``bindings``: this environment's ``[bindings]`` (name -> path). Given, a bundle declaring a
+        binding it lacks is refused, and the entry records every declared binding's content digest;
+        None (a failover between releases already promoted) checks and records nothing.
         """
         self._check_args(channel, reason, kind)
         with self._locked():
             digest = self.resolve(ref)
             bundle = self._verified(digest, "promote")
+            bound = self._bound(bundle, channel, bindings) if bindings is not None else None
             current = self.status()
             held = current[channel]
             if held is not None and held.digest == digest:
@@ -407,7 +415,19 @@ class Registry:
                         f"incompatible with the active release {active.ref}:\n  " + "\n  ".join(problems)
                         + "\nfix: keep the new schemas compatible (docs/bundles.md#compatibility), or promote with "
                           "--allow-incompatible-schema once the topic and its consumers have been migrated")
-            return self._append(channel, bundle, reason, who, kind)
+            return self._append(channel, bundle, reason, who, kind, bound)
+
+    def _bound(self, bundle: Bundle, channel: str, bindings: Mapping[str, Path]) -> dict[str, str]:
+        """{name: content digest} of the bundle's declared bindings; RegistryError if one is not bound."""
+        from daemon.bundle import bindings as bb
+
+        try:
+            return bb.digests(bb.resolve(bundle.declared_bindings, bindings, bundle.ref))
+        except BundleError as exc:
+            raise RegistryError(f"registry {self.path}: refusing to promote {bundle.ref} to {channel}: {exc}") from None
+        except OSError as exc:
+            raise RegistryError(f"registry {self.path}: refusing to promote {bundle.ref} to {channel}: cannot read "
+                                f"a binding: {exc}; fix: check [bindings] of the failoverd configuration") from None
 
     def rollback(self, to: str | None = None, reason: str | None = None, who: str | None = None,
                  channel: str = "active") -> Release:

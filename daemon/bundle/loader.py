@@ -54,6 +54,10 @@ class Bundle:
         self.state_schema_version: int = b["state_schema_version"]
         self.code_dir = self.root / b["code"]
         self.data: dict[str, Path] = {k: self.root / v for k, v in manifest["data"].items()}
+        self.declared_bindings: dict[str, str] = dict(manifest.get("bindings") or {})
+        """Per-environment inputs by name (-> description); bound by the daemon's configuration."""
+        self.bindings: dict[str, Path] = {}
+        """The bound paths, once :meth:`bind` has checked them."""
         self.input_schema: dict[str, Any] = self._json(manifest["schemas"]["input"])
         self.output_schema: dict[str, Any] = self._json(manifest["schemas"]["output"])
         self.lock_path = self.root / manifest["dependencies"]["lock"]
@@ -100,9 +104,17 @@ class Bundle:
                               + f"\nfix: run it with Python {self.python} and `pip install -r {self.lock_path}`"
                               + offline)
 
+    def bind(self, bound: dict[str, Path]) -> dict[str, str]:
+        """Bind the declared bindings to this environment's paths (``[bindings]`` of the configuration);
+        returns their content digests. BundleError naming every binding that is not bound."""
+        from daemon.bundle import bindings
+
+        self.bindings = bindings.resolve(self.declared_bindings, bound, self.label)
+        return bindings.digests(self.bindings)
+
     def context(self) -> ModelContext:
         return ModelContext(name=self.name, version=self.version, digest=self.digest, root=self.root,
-                            data=dict(self.data), manifest=self.manifest)
+                            data=dict(self.data), manifest=self.manifest, bindings=dict(self.bindings))
 
     def instantiate(self) -> object:
         """Import the entrypoint from the bundle's code directory and construct it with :meth:`context`.

@@ -20,6 +20,9 @@
     [dependencies]
     lock = "requirements.lock"           # exact name==version pins (may be empty of packages)
 
+    [bindings]                           # optional: per-environment inputs, name -> description;
+    reference_table = "merchant CSV"     # each environment binds them (daemon/bundle/bindings.py)
+
     [metadata]                           # free-form: author, description, training run, ...
 
 ``MANIFEST.json`` is the parsed ``bundle.toml`` plus ``format`` and ``files`` (every file's
@@ -40,6 +43,8 @@ from typing import Any
 import orjson
 
 from daemon.bundle import files as bfiles
+from daemon.bundle.bindings import NAME_RE as BINDING_NAME_RE
+from daemon.bundle.bindings import NAME_TEXT as BINDING_NAME_TEXT
 from daemon.bundle.lock import parse_lock
 from daemon.errors import BundleError, IntegrityError
 
@@ -56,7 +61,7 @@ _SECTIONS = {
     "schemas": ({"input", "output"}, set()),
     "dependencies": ({"lock"}, set()),
 }
-_OPTIONAL_SECTIONS = {"data", "metadata"}
+_OPTIONAL_SECTIONS = {"data", "metadata", "bindings"}
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -272,6 +277,19 @@ def load_spec(root: Path) -> dict[str, Any]:
                 c.fail(str(exc).removeprefix(label + ": "))
         deps["lock"] = rel
 
+    bindings: dict[str, str] = {}
+    raw_bindings = doc.get("bindings", {})
+    if not isinstance(raw_bindings, dict):
+        c.fail("[bindings] must be a table of name = \"description\"")
+        raw_bindings = {}
+    for key, value in raw_bindings.items():
+        if not BINDING_NAME_RE.match(key):
+            c.fail(f"[bindings] name {key!r} is malformed; use {BINDING_NAME_TEXT}")
+        if not isinstance(value, str):
+            c.fail(f"[bindings] {key} must be a string describing the input (got {value!r}); "
+                   f"e.g. {key} = \"merchant reference table (CSV)\"")
+        bindings[key] = value
+
     metadata = doc.get("metadata", {})
     if not isinstance(metadata, dict):
         c.fail("[metadata] must be a table")
@@ -281,7 +299,10 @@ def load_spec(root: Path) -> dict[str, Any]:
     if c.errors:
         raise BundleError(f"{label} is invalid:\n  " + "\n  ".join(c.errors)
                           + "\nfix: correct bundle.toml (format: docs/bundles.md)")
-    return {"bundle": spec_bundle, "schemas": schemas, "data": data, "dependencies": deps, "metadata": metadata}
+    spec = {"bundle": spec_bundle, "schemas": schemas, "data": data, "dependencies": deps, "metadata": metadata}
+    if bindings:  # absent when none are declared: manifests (and digests) of other bundles stay as they were
+        spec["bindings"] = bindings
+    return spec
 
 
 def read_manifest(root: Path, label: str | None = None) -> tuple[dict[str, Any], str, bytes]:
@@ -320,5 +341,8 @@ def parse_manifest(raw: bytes, label: str) -> tuple[dict[str, Any], str]:
 def spec_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The part of a manifest that comes from bundle.toml (for the consistency check)."""
     deps = {k: v for k, v in manifest.get("dependencies", {}).items() if k != "wheels"}
-    return {"bundle": manifest.get("bundle"), "schemas": manifest.get("schemas"), "data": manifest.get("data"),
+    spec = {"bundle": manifest.get("bundle"), "schemas": manifest.get("schemas"), "data": manifest.get("data"),
             "dependencies": deps, "metadata": manifest.get("metadata")}
+    if "bindings" in manifest:
+        spec["bindings"] = manifest["bindings"]
+    return spec

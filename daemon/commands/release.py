@@ -198,8 +198,10 @@ def run_promote(args) -> int:
     if not args.allow_incompatible_schema:
         _check_output_subject(args, registry)
     before = registry.status()[args.channel]
+    settings = _settings(args)  # its [bindings]: a bundle declaring one this environment lacks is refused
     release = registry.promote(args.ref, args.channel, args.reason, who=args.who,
-                               check_schemas=not args.allow_incompatible_schema)
+                               check_schemas=not args.allow_incompatible_schema,
+                               bindings=settings.bindings if settings is not None else {})
     changed = before is None or before.id != release.id
     if changed:
         _say(args, f"promoted {release.ref} ({release.digest[:12]}) to {release.channel}")

@@ -62,8 +62,11 @@ def parse(data: Mapping[str, Any], *, env: Mapping[str, str] = os.environ, sourc
 
     # 1. unknown sections and keys, sections that are not tables
     tables: dict[str, dict[str, Any]] = {}
+    bindings: dict[str, Path] = {}
     for name, value in data.items():
-        if name not in SECTIONS:
+        if name == BINDINGS:
+            bindings = _bindings(value, report)
+        elif name not in SECTIONS:
             report(Problem(f"[{name}]", NO_VALUE, _unknown_help(name, SECTIONS, "section", "[", "]"),
                            "is an unknown section"))
         elif not isinstance(value, dict):
@@ -83,6 +86,10 @@ def parse(data: Mapping[str, Any], *, env: Mapping[str, str] = os.environ, sourc
         if not var.startswith(ENV_PREFIX) or ENV_SEPARATOR not in var[len(ENV_PREFIX):]:
             continue
         sec_part, _, key_part = var[len(ENV_PREFIX):].partition(ENV_SEPARATOR)
+        if sec_part == BINDINGS.upper():
+            _binding_from_env(var, key_part, env[var], bindings, report)
+            overrides[(BINDINGS, var)] = (var, env[var])
+            continue
         section = env_sections.get(sec_part)
         if section is None:
             close = closest(sec_part, env_sections)
@@ -161,10 +168,51 @@ def parse(data: Mapping[str, Any], *, env: Mapping[str, str] = os.environ, sourc
         raise ConfigError("\n".join(f"{where}: {p.render(origin)}" for p, origin in problems))
     sections: dict[str, Any] = dict(built)  # each its own Section subclass, as Settings declares
     try:
-        return Settings(source=source, env_overrides=tuple(var for var, _ in overrides.values()), **sections)
+        return Settings(source=source, env_overrides=tuple(var for var, _ in overrides.values()), bindings=bindings,
+                        **sections)
     except ConfigError as exc:
         raise ConfigError("\n".join(f"{where}: {p.render(origins.get(p.field.split('[')[0], ''))}"
                                     for p in problems_of(exc))) from None
+
+
+BINDINGS = "bindings"
+"""The free-form table of per-environment bindings (name -> file or directory; docs/bundles.md#bindings)."""
+
+
+def _bindings(table: Any, report: Any) -> dict[str, Path]:
+    """``[bindings]`` of the file: every name valid (daemon.bundle.bindings.NAME_RE), every value a path."""
+    from daemon.bundle.bindings import NAME_RE, NAME_TEXT
+
+    if not isinstance(table, dict):
+        report(Problem(BINDINGS, table, f"expected a table ([bindings]) of name = \"path\", got {type_name(table)}",
+                       "has the wrong type"))
+        return {}
+    out = {}
+    for name, value in table.items():
+        field = f"{BINDINGS}.{name}"
+        if not NAME_RE.match(name):
+            report(Problem(field, NO_VALUE, f"a binding name is {NAME_TEXT}", "is not a valid binding name"))
+        elif not isinstance(value, str) or not value.strip():
+            report(Problem(field, value, "expected the path of a file or directory, e.g. "
+                                         f"{name} = \"/etc/fraud/merchants.csv\"", "has the wrong type"))
+        else:
+            out[name] = _resolve(value)
+    return out
+
+
+def _binding_from_env(var: str, key: str, text: str, bindings: dict[str, Path], report: Any) -> None:
+    """``FAILOVERD_BINDINGS__<NAME>``: binds (or, empty, unbinds) the binding whose name upper-cases to
+    ``<NAME>`` in the file, else the lower-case name."""
+    from daemon.bundle.bindings import NAME_RE, NAME_TEXT
+
+    name = next((n for n in bindings if n.upper() == key), key.lower())
+    if not NAME_RE.match(name):
+        report(Problem(f"environment variable {var}", NO_VALUE, f"a binding name is {NAME_TEXT}",
+                       "is not a valid binding name"))
+    elif not text.strip():
+        bindings.pop(name, None)
+    else:
+        bindings[name] = _resolve(text.strip())
 
 
 def _partial_cross_problems(cls: type[Section], kwargs: dict[str, Any], bad: set[str]) -> list[Problem]:

@@ -69,6 +69,9 @@ class Settings:
     metrics: MetricsSettings
     schema_registry: SchemaRegistrySettings
     env_overrides: tuple[str, ...] = ()  # names of the FAILOVERD_* variables that were applied
+    bindings: dict[str, Path] = dataclasses.field(default_factory=dict)
+    """``[bindings]``: this environment's file or directory for each binding a bundle may declare
+    (name -> absolute path; docs/bundles.md#bindings). A free-form table, so not in SECTIONS."""
 
     def __post_init__(self) -> None:
         problems = topic_role_problems(self) + format_problems(self) + producer_problems(self)
@@ -95,6 +98,8 @@ class Settings:
                     value = list(value)
                 values[f.name] = value
             out[name] = values
+        if self.bindings:
+            out["bindings"] = {name: str(path) for name, path in sorted(self.bindings.items())}
         return out
 
 

@@ -8,6 +8,8 @@ from typing import Any
 H_RELEASE_NAME = "fd.release.name"
 H_RELEASE_VERSION = "fd.release.version"
 H_RELEASE_DIGEST = "fd.release.digest"
+H_BINDING_PREFIX = "fd.binding."
+"""``fd.binding.<name>``: the content digest of a binding the release ran against (docs/bundles.md#bindings)."""
 H_SOURCE_TOPIC = "fd.source.topic"
 H_SOURCE_PARTITION = "fd.source.partition"
 H_SOURCE_OFFSET = "fd.source.offset"
@@ -36,6 +38,8 @@ def release_headers(info: dict[str, Any]) -> list[tuple[str, bytes]]:
         (H_RELEASE_NAME, info["name"].encode()),
         (H_RELEASE_VERSION, info["version"].encode()),
         (H_RELEASE_DIGEST, info["digest"].encode()),
+        *((H_BINDING_PREFIX + name, digest.encode())
+          for name, digest in sorted(info.get("binding_digests", {}).items())),
     ]
 
 

@@ -18,18 +18,22 @@ def expected_digest_of(bundle_path: Path) -> str | None:
 
 
 def load_processor(bundle_path: Path, unpack_dir: Path | None, isolation: IsolationLimits | None = None,
-                   expected_digest: str | None = None, formats: dict[str, Any] | None = None
-                   ) -> tuple[BatchProcessor, dict[str, Any]]:
+                   expected_digest: str | None = None, formats: dict[str, Any] | None = None,
+                   bindings: dict[str, str] | None = None) -> tuple[BatchProcessor, dict[str, Any]]:
     """Verify, then load. ``expected_digest`` (from the release the daemon was told to run) is
     checked against the archive's manifest before any other member is read and before anything
     is imported; without it, an archive named ``<digest>.fdb`` (the registry's store) is
     expected to have that digest. A different digest is an IntegrityError naming both. ``formats``:
-    the worker's format spec (:func:`daemon.formats.spec_of`); None or empty: JSON both ways."""
+    the worker's format spec (:func:`daemon.formats.spec_of`); None or empty: JSON both ways.
+    ``bindings``: this environment's ``[bindings]`` (name -> path); a binding the bundle declares
+    and this leaves out is a BundleError before anything is imported. The info names the declared
+    bindings (``bindings``: a sorted list); the daemon digests their content itself."""
     from daemon.bundle import open_bundle
 
     expected = expected_digest or expected_digest_of(bundle_path)
     bundle = open_bundle(Path(bundle_path), unpack_dir=Path(unpack_dir) if unpack_dir else None,
                          expect_digest=expected)
+    bundle.bind({name: Path(path) for name, path in (bindings or {}).items()})
     bundle.check_environment()
     model = bundle.instantiate()
     warm_up = getattr(model, "warm_up", None)
@@ -41,6 +45,8 @@ def load_processor(bundle_path: Path, unpack_dir: Path | None, isolation: Isolat
         "digest": bundle.digest,
         "state_schema_version": int(bundle.state_schema_version),
     }
+    if bundle.bindings:
+        info["bindings"] = sorted(bundle.bindings)
     codecs = _formats(bundle, formats or {})
     return BatchProcessor(model, bundle.input_schema, bundle.output_schema, isolation, *codecs), info
 

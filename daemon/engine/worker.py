@@ -41,7 +41,7 @@ from daemon.formats import WAITING, needs_registry
 from daemon.formats.keepalive import BadKeepAlive, RegistryWaits
 
 __all__ = ["BatchFailed", "Boundary", "InProcessWorker", "SubprocessWorker", "Worker", "make_worker", "set_boundary",
-           "set_formats"]
+           "set_bindings", "set_formats"]
 
 log = logging.getLogger("failoverd.worker")
 
@@ -88,6 +88,21 @@ def set_formats(spec: dict[str, Any]) -> None:
     ``[inputs] format``, ``[output] format`` and ``[schema_registry]``: :func:`daemon.formats.spec_of`)."""
     global _formats
     _formats = dict(spec)
+
+
+_bindings: dict[str, str] = {}
+
+
+def set_bindings(paths: dict[str, str]) -> None:
+    """This environment's ``[bindings]`` (name -> path) for every worker started from now on (``App``
+    sets it from the configuration); a worker passes on those its bundle declares (docs/bundles.md)."""
+    global _bindings
+    _bindings = dict(paths)
+
+
+def current_bindings() -> dict[str, str]:
+    """What :func:`set_bindings` set (the daemon digests the bound content itself: daemon.engine.release)."""
+    return dict(_bindings)
 
 
 def worker_environment(environ: Mapping[str, str], passthrough: tuple[str, ...] = ()) -> dict[str, str]:
@@ -165,6 +180,7 @@ class SubprocessWorker(_Worker):
         super().__init__(bundle_path, unpack_dir, **kw)
         self.boundary = _boundary
         self.formats = _formats
+        self.bindings = dict(_bindings)
         self._waits = RegistryWaits(self.label, needs_registry(self.formats))
         self._proc: asyncio.subprocess.Process | None = None
         self._write_lock = asyncio.Lock()
@@ -188,6 +204,8 @@ class SubprocessWorker(_Worker):
         env["PYTHONPATH"] = os.pathsep.join(runtime.pythonpath)
         if self.formats:  # in the environment, not argv (which any user can read): it may hold registry credentials
             env["FAILOVERD_WORKER_FORMATS"] = json.dumps(self.formats)
+        if self.bindings:
+            env["FAILOVERD_WORKER_BINDINGS"] = json.dumps(self.bindings)
         self._proc = await asyncio.create_subprocess_exec(
             runtime.executable, "-m", "daemon.engine.worker_main", str(self.bundle_path), str(self.unpack_dir or ""),
             str(self.isolation.max_records), repr(self.isolation.max_fraction), json.dumps(b.limits()),
@@ -374,7 +392,7 @@ class InProcessWorker(_Worker):
         try:
             self._processor, self.info = await asyncio.wait_for(
                 loop.run_in_executor(self._pool, load_processor, self.bundle_path, self.unpack_dir, self.isolation,
-                                     None, _formats),
+                                     None, _formats, dict(_bindings)),
                 self.start_timeout)
         except asyncio.TimeoutError:
             raise BundleError(f"{self.label}: bundle {self.bundle_path} did not load within {self.start_timeout:.0f}s")

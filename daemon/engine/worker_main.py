@@ -14,9 +14,10 @@ it in a new session); if the daemon goes away without closing it, the worker kil
 group, so nothing a model started outlives it.
 
 Formats other than JSON (:mod:`daemon.formats`) come in ``FAILOVERD_WORKER_FORMATS`` (JSON; removed
-from the environment before the release is imported). While a batch waits for the schema registry,
-the worker sends ``("waiting", detail)`` every 0.25 s before its answer
-(:mod:`daemon.formats.keepalive`).
+from the environment before the release is imported), and the paths of this environment's bindings
+in ``FAILOVERD_WORKER_BINDINGS`` (JSON name -> path; docs/bundles.md#bindings). While a batch
+waits for the schema registry, the worker sends ``("waiting", detail)`` every 0.25 s before its
+answer (:mod:`daemon.formats.keepalive`).
 """
 
 from __future__ import annotations
@@ -135,8 +136,9 @@ def main(argv: list[str]) -> int:
 
         isolation = IsolationLimits(int(argv[2]), float(argv[3])) if len(argv) > 3 else None
         formats = json.loads(os.environ.pop("FAILOVERD_WORKER_FORMATS", "") or "{}")
+        bindings = json.loads(os.environ.pop("FAILOVERD_WORKER_BINDINGS", "") or "{}")
         processor, info = load_processor(Path(argv[0]), Path(argv[1]) if len(argv) > 1 and argv[1] else None, isolation,
-                                         None, formats)
+                                         None, formats, bindings)
         if formats:
             threading.Thread(target=_keep_alive, args=(proto_out, send_lock), name="keep-alive", daemon=True).start()
         processor.model = _Guarded(processor.model)
