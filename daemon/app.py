@@ -10,10 +10,10 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon import formats, metrics as m
+from daemon import metrics as m
 from daemon.engine.engine import Engine
 from daemon.engine.release import LoadedRelease, load_release
-from daemon.engine.worker import Boundary, set_bindings, set_boundary, set_formats
+from daemon.engine.worker import configure as configure_workers
 from daemon.errors import RegistryError
 
 if TYPE_CHECKING:
@@ -153,9 +153,7 @@ class App:
         if self.fetcher is not None:  # a registry archive not held yet is fetched by digest first
             path = await self.fetcher.ensure_path(path)
         w, f = self.settings.worker, self.settings.failover
-        set_boundary(Boundary.from_settings(w))  # frame limit, environment, resource limits of the worker
-        set_formats(formats.spec_of(self.settings))  # [inputs]/[output] format, [schema_registry] (daemon/formats)
-        set_bindings({name: str(p) for name, p in self.settings.bindings.items()})  # [bindings] (docs/bundles.md)
+        configure_workers(self.settings)  # boundary, formats, bindings (daemon.engine.worker.configure)
         return await load_release(path, channel=channel, mode=w.mode,
                                   unpack_dir=Path(self.settings.state.directory) / "bundles",
                                   predict_timeout=w.predict_timeout_ms / 1000,

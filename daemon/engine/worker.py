@@ -100,6 +100,17 @@ def set_bindings(paths: dict[str, str]) -> None:
     _bindings = dict(paths)
 
 
+def configure(settings: Any) -> None:
+    """Everything a worker started from now on takes from the configuration: the boundary
+    (``[worker]``), the formats (``[inputs]``/``[output]`` format, ``[schema_registry]``) and this
+    environment's ``[bindings]``. The daemon (``App``) and the integrations call it once."""
+    from daemon import formats
+
+    set_boundary(Boundary.from_settings(settings.worker))
+    set_formats(formats.spec_of(settings))
+    set_bindings({name: str(p) for name, p in settings.bindings.items()})
+
+
 def current_bindings() -> dict[str, str]:
     """What :func:`set_bindings` set (the daemon digests the bound content itself: daemon.engine.release)."""
     return dict(_bindings)

@@ -100,13 +100,11 @@ class FaustScorer:
         ``[failover]`` (signals, policy, isolation), ``[registry]`` (bundles, release log, control
         topic), ``[kafka]`` (to read the control topic), ``[state] directory`` (unpacked bundles),
         the formats. ``active``/``standby``: bundle files instead of the registry's channels."""
-        from daemon import formats
         from daemon.config import load
-        from daemon.engine.worker import Boundary, set_boundary, set_formats
+        from daemon.engine.worker import configure
 
         settings = load(path)
-        set_boundary(Boundary.from_settings(settings.worker))  # process-wide, as in the daemon (app.py)
-        set_formats(formats.spec_of(settings))
+        configure(settings)  # boundary, formats, bindings: process-wide, as in the daemon (app.py)
         return cls(app, Scorer(Options.from_settings(settings), active=active, standby=standby,
                                integration=INTEGRATION), table=table, settings=settings)
 
