@@ -24,8 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -33,6 +31,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
+from daemon import localservice
 from daemon.errors import BrokerError
 
 DEFAULT_PORT = 9092
@@ -130,31 +129,10 @@ class LocalBroker:
 
     # ---- state -------------------------------------------------------------------------
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        # a zombie child of ours counts as gone
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-            if state == "Z":
-                return None
-        except (FileNotFoundError, IndexError):
-            pass
-        return pid
+        return localservice.read_pid(self.pid_file)
 
     def port_open(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        return localservice.port_open(self.port)
 
     def status(self) -> dict[str, Any]:
         pid = self.pid()
@@ -194,10 +172,7 @@ class LocalBroker:
 
     # ---- steps -------------------------------------------------------------------------
     def _require(self, tool: str, why: str) -> str:
-        path = shutil.which(tool)
-        if not path:
-            raise BrokerError(f"`{tool}` not found on PATH: {why}")
-        return path
+        return localservice.require(tool, why)
 
     def _pom_digest(self) -> str:
         return hashlib.sha256(self.pom.read_bytes()).hexdigest()
@@ -361,38 +336,14 @@ class LocalBroker:
             self._make_certificates()
         server = self._write_configs()
         self.format(server)
-        log = open(self.log_file, "ab")
-        proc = subprocess.Popen(self._java("kafka.Kafka", str(server), heap="768m"), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=self.home)
-        self.pid_file.write_text(str(proc.pid))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = self.log_file.read_text(errors="replace")[-3000:]
-                raise BrokerError(f"broker exited with code {proc.returncode}; last log lines:\n{tail}")
-            if self.port_open() and _metadata_ok(self.client_kwargs()):
-                return f"up: {self.bootstrap} (pid {proc.pid}, data {self.data})"
-            time.sleep(0.25)
-        raise BrokerError(f"broker did not answer on {self.bootstrap} within {timeout:.0f}s; see {self.log_file}")
+        pid = localservice.start(self._java("kafka.Kafka", str(server), heap="768m"), home=self.home,
+                                 pid_file=self.pid_file, log_file=self.log_file, what="broker",
+                                 address=self.bootstrap, timeout=timeout,
+                                 ready=lambda: self.port_open() and _metadata_ok(self.client_kwargs()))
+        return f"up: {self.bootstrap} (pid {pid}, data {self.data})"
 
     def down(self, timeout: float = 60.0) -> str:
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return "already down"
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.pid() is not None:
-            time.sleep(0.2)
-        if self.pid() is not None:
-            os.kill(pid, signal.SIGKILL)
-            while self.pid() is not None:
-                time.sleep(0.1)
-            self.pid_file.unlink(missing_ok=True)
-            return f"killed pid {pid} after {timeout:.0f}s without a clean shutdown"
-        self.pid_file.unlink(missing_ok=True)
-        return f"down (pid {pid} stopped)"
+        return localservice.stop(self.pid_file, timeout)
 
 
 def _metadata_ok(bootstrap: str | dict[str, Any]) -> bool:

@@ -27,14 +27,12 @@ import hashlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import tarfile
-import time
 import urllib.request
 from pathlib import Path
 
+from daemon import localservice
 from daemon.errors import BrokerError
 
 DEFAULT_PORT = 8081
@@ -106,29 +104,10 @@ class LocalSchemaRegistry:
     # ---- state -------------------------------------------------------------------------
     def pid(self) -> int | None:
         """The registry's pid from its pid file, if that process is alive (a zombie counts as gone)."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-                return None
-        except (FileNotFoundError, IndexError):
-            pass
-        return pid
+        return localservice.read_pid(self.pid_file)
 
     def port_open(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        return localservice.port_open(self.port)
 
     def answers(self) -> bool:
         try:
@@ -144,10 +123,7 @@ class LocalSchemaRegistry:
 
     # ---- steps -------------------------------------------------------------------------
     def _require(self, tool: str, why: str) -> str:
-        path = shutil.which(tool)
-        if not path:
-            raise SchemaRegistryError(f"`{tool}` not found on PATH: {why}")
-        return path
+        return localservice.require(tool, why, SchemaRegistryError)
 
     def _local_repository(self) -> Path:
         settings = Path.home() / ".m2" / "settings.xml"
@@ -192,43 +168,16 @@ class LocalSchemaRegistry:
             raise SchemaRegistryError(f"port {self.port} is taken by another process; stop it or pass --port")
         java = self._require("java", "Apicurio Registry needs Java 17+ (apt-get install openjdk-17-jre-headless)")
         self.fetch()
-        self.home.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_file, "ab")
         cmd = [java, "-Xmx256m", "-XX:+UseSerialGC", "-Dquarkus.http.host=127.0.0.1",
                f"-Dquarkus.http.port={self.port}", "-Dquarkus.log.level=WARN"]
         if self.persist:
             self.data.mkdir(parents=True, exist_ok=True)
             cmd.append(f"-Dapicurio.datasource.url=jdbc:h2:file:{self.data / 'registry'};DB_CLOSE_ON_EXIT=FALSE")
         cmd += ["-jar", str(self.runner)]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=self.home)
-        self.pid_file.write_text(str(proc.pid))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = self.log_file.read_text(errors="replace")[-3000:]
-                raise SchemaRegistryError(f"schema registry exited with code {proc.returncode}; last log "
-                                          f"lines:\n{tail}")
-            if self.answers():
-                return f"up: {self.url} (pid {proc.pid})"
-            time.sleep(0.25)
-        raise SchemaRegistryError(f"schema registry did not answer on {self.url} within {timeout:.0f}s; see "
-                                  f"{self.log_file}")
+        pid = localservice.start(cmd, home=self.home, pid_file=self.pid_file, log_file=self.log_file,
+                                 what="schema registry", address=self.url, timeout=timeout, ready=self.answers,
+                                 error=SchemaRegistryError)
+        return f"up: {self.url} (pid {pid})"
 
     def down(self, timeout: float = 30.0) -> str:
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return "already down"
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.pid() is not None:
-            time.sleep(0.1)
-        if self.pid() is not None:
-            os.kill(pid, signal.SIGKILL)
-            while self.pid() is not None:
-                time.sleep(0.1)
-            self.pid_file.unlink(missing_ok=True)
-            return f"killed pid {pid} after {timeout:.0f}s without a clean shutdown"
-        self.pid_file.unlink(missing_ok=True)
-        return f"down (pid {pid} stopped)"
+        return localservice.stop(self.pid_file, timeout)
