@@ -33,13 +33,21 @@ import asyncio
 import csv
 import json
 import math
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+# bench/ml_throughput.py runs this loop on a release environment's python (the model's packages
+# from there); the Kafka client and the worker runtime come from paths appended *after* the
+# environment's site-packages, so a package the release pins always wins.
+for _extra in os.environ.get("FAILOVERD_BENCH_APPEND_PATH", "").split(os.pathsep):
+    if _extra and _extra not in sys.path:
+        sys.path.append(_extra)
+
+import orjson  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE_V1 = ROOT / "examples" / "bundles" / "fraud-v1"
@@ -75,28 +83,32 @@ class Scorer:
 class ModelWorkload:
     """fraud-scorer 1.0.0 itself (the bundle's FraudScorer), with its state and both schemas."""
 
-    def __init__(self) -> None:
+    def __init__(self, bundle: Path = BUNDLE_V1) -> None:
+        """``bundle``: a bundle source directory (default fraud-v1); its entrypoint class, data files
+        and JSON schemas as bundle.toml names them (bench/ml_throughput.py passes the fraud-ml ones)."""
         import importlib.util
         import tomllib
 
         import jsonschema_rs
 
         if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
+            sys.path.append(str(ROOT))  # after the site-packages (see FAILOVERD_BENCH_APPEND_PATH above)
         from daemon.model import ModelContext, Prediction, Record
 
         self.Prediction, self.Record = Prediction, Record
-        spec = importlib.util.spec_from_file_location("fraud_v1_model", BUNDLE_V1 / "code" / "model.py")
+        manifest = tomllib.loads((bundle / "bundle.toml").read_text())
+        module_name, class_name = manifest["bundle"]["entrypoint"].split(":")
+        sys.path.insert(0, str(bundle / "code"))  # as the worker does: the bundle's code imports its siblings
+        spec = importlib.util.spec_from_file_location(f"bench_{module_name}", bundle / "code" / f"{module_name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        manifest = tomllib.loads((BUNDLE_V1 / "bundle.toml").read_text())
-        context = ModelContext(name="fraud-scorer", version="1.0.0", digest="", root=BUNDLE_V1,
-                               data={"weights": V1 / "weights.json", "merchant_risk": V1 / "merchant_risk.csv"},
+        context = ModelContext(name=manifest["bundle"]["name"], version=manifest["bundle"]["version"], digest="",
+                               root=bundle, data={k: bundle / v for k, v in manifest.get("data", {}).items()},
                                manifest=manifest)
-        self.model = module.FraudScorer(context)
-        schemas = BUNDLE_V1 / "schemas"
-        self.input_ok = jsonschema_rs.validator_for(json.loads((schemas / "input.json").read_text())).is_valid
-        self.output_ok = jsonschema_rs.validator_for(json.loads((schemas / "output.json").read_text())).is_valid
+        self.model = getattr(module, class_name)(context)
+        schemas = manifest["schemas"]
+        self.input_ok = jsonschema_rs.validator_for(json.loads((bundle / schemas["input"]).read_text())).is_valid
+        self.output_ok = jsonschema_rs.validator_for(json.loads((bundle / schemas["output"]).read_text())).is_valid
         self.state: dict = {}  # record key -> the model's state object
         self.skipped = 0
 
@@ -142,7 +154,7 @@ class ModelWorkload:
 async def main(args) -> int:
     batch = None  # model: a function of a whole getmany() batch; score, peers: ``handle`` per record
     if args.workload == "model":
-        batch = ModelWorkload()
+        batch = ModelWorkload(Path(args.bundle)) if args.bundle else ModelWorkload()
     elif args.workload == "score":
         scorer = Scorer()
 
@@ -175,7 +187,7 @@ async def main(args) -> int:
     print("ready", flush=True)
     try:
         while not stop.is_set():
-            data = await consumer.getmany(timeout_ms=100, max_records=1000)
+            data = await consumer.getmany(timeout_ms=100, max_records=args.max_records)
             if batch is None:
                 for tp, records in data.items():
                     for r in records:
@@ -211,6 +223,9 @@ if __name__ == "__main__":
     ap.add_argument("--workload", choices=("model", "score", "peers"), default="model",
                     help="model: fraud-v1's FraudScorer with state and schema validation (same work as failoverd); "
                          "score: bare decode, score, encode (the floor); peers: bench/peers' workload")
+    ap.add_argument("--bundle", default="", help="--workload model: a bundle source directory (default fraud-v1)")
+    ap.add_argument("--max-records", type=int, default=1000, help="getmany() max_records (the daemon's "
+                    "worker.max_batch_records, default 1000)")
     ap.add_argument("--commit-interval", type=float, default=0.1)
     ap.add_argument("--instance-id", default=None, help="group.instance.id (static membership)")
     sys.exit(asyncio.run(main(ap.parse_args())))
