@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy  # noqa: F401 - the test extra installs it: a missing install fails here, never skips
 import orjson
-import pytest
 
 from daemon.bundle import build
 from daemon.engine import headers as H
@@ -22,8 +22,6 @@ from daemon.registry import Registry
 from tests import kafkatools, streams
 from tests.daemonproc import DaemonProc, make_topics, write_config
 from tests.integration.test_engine import _count_committed
-
-import numpy  # noqa: E402,F401 - the test extra installs it: a missing install fails here, never skips
 
 TOTAL = 1200
 
