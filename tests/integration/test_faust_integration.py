@@ -39,9 +39,10 @@ COMMIT_INTERVAL = 0.5
 class FaustApp:
     """examples/faust_app/app.py as a faust worker subprocess."""
 
-    def __init__(self, tmp: Path, config: Path, app_id: str) -> None:
+    def __init__(self, tmp: Path, config: Path, app_id: str, bootstrap: str) -> None:
         self.log_path = tmp / "faust.log"
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), FAILOVERD_CONFIG=str(config),
+                        FAUST_BOOTSTRAP=bootstrap,  # the test's broker (FAILOVERD_TEST_KAFKA_PORT may move it)
                         FAUST_APP_ID=app_id, FAUST_DATADIR=str(tmp / "faust-data"),
                         FAUST_PARTITIONS=str(PARTITIONS), FAUST_BATCH=str(BATCH),
                         FAUST_COMMIT_INTERVAL=str(COMMIT_INTERVAL), FAUST_WEB_PORT=str(free_port()))
@@ -185,7 +186,7 @@ async def setup(tmp_path, kafka_bootstrap, example_bundles):
     config = write_config(tmp_path / "failoverd.toml", bootstrap=kafka_bootstrap, names=names,
                           state_dir=tmp_path / "state", registry=tmp_path / "registry", group=app_id, app=app_id,
                           extra={"failover": {"cooldown_ms": 1000, "min_samples": 5, "error_window": 50}})
-    app = FaustApp(tmp_path, config, app_id)
+    app = FaustApp(tmp_path, config, app_id, kafka_bootstrap)
     yield names, config, app, digests
     app.stop()
 

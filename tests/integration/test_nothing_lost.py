@@ -138,8 +138,9 @@ async def test_sigterm_while_the_group_hands_over_partitions_exits_0(kafka_boots
     with every input once."""
     names = await make_topics(kafka_bootstrap, "termreb", partitions=4)
     group, app = kafkatools.unique("g"), kafkatools.unique("app")
+    # b starts with an empty state directory each time, so it restores inside every assignment
     cfgs = [write_config(tmp_path / f"{n}.toml", bootstrap=kafka_bootstrap, names=names,
-                         state_dir=tmp_path / f"s{n}", group=group, app=app) for n in ("a", "b")]
+                         state_dir=tmp_path / f"s{n}", group=group, app=app) for n in ("a", "b0", "b1", "b2")]
     args = ("--active-bundle", str(example_bundles["v1"]))
     # many keys: a joining instance spends a while restoring state inside the assignment
     records = streams.transactions(8000, seed=34, n_cards=4000)
@@ -148,7 +149,7 @@ async def test_sigterm_while_the_group_hands_over_partitions_exits_0(kafka_boots
     try:
         await _run_until_done(kafka_bootstrap, names, 4000, [a])
         for i, marker in enumerate(("admin API listening", "worker ready", "restoring state")):
-            b = DaemonProc(cfgs[1], *args, log=tmp_path / f"b{i}.log").start()
+            b = DaemonProc(cfgs[1 + i], *args, log=tmp_path / f"b{i}.log").start()
             try:
                 await kafkatools.wait_for(lambda: b.check() and marker in b.log(), timeout=60,
                                           what=f"b at {marker!r}")

@@ -174,8 +174,9 @@ async def test_the_model_sees_no_daemon_secret_only_the_allowlist_and_what_is_pa
                                                                                             tmp_path):
     token_file = tmp_path / "admin-token"
     token_file.write_text("admin-secret\n")
-    env = {"FAILOVERD_ADMIN__TOKEN_FILE": str(token_file), "FAILOVERD_KAFKA__SASL_PLAIN_PASSWORD": "kafka-secret",
-           "FAILOVERD_ADMIN_TOKEN": "admin-secret", "AWS_SECRET_ACCESS_KEY": "cloud-secret",
+    # (a FAILOVERD_KAFKA__SASL_* secret would need a SASL cluster: config check refuses it on PLAINTEXT)
+    env = {"FAILOVERD_ADMIN__TOKEN_FILE": str(token_file), "FAILOVERD_ADMIN_TOKEN": "admin-secret",
+           "FAILOVERD_DEPLOY_SECRET": "deploy-secret", "AWS_SECRET_ACCESS_KEY": "cloud-secret",
            "MODEL_SETTING": "for-the-model"}
     spy = build(tmp_path, "2.0.0", fault="", first="""
         seen = sorted(os.environ)
