@@ -6,7 +6,8 @@ a worker died or hung on are remembered as *suspects*; when a worker dies again 
 some of them (the standby, replaying), or at once when there is no standby to fail over to, a
 throwaway worker of the active release runs the suspects one at a time. The record it dies or
 hangs on is dead-lettered (``model_crash``) and a fresh worker of the active release goes on,
-without a failover. If none kills it, the release is at fault and the failure handler acts as usual.
+without a failover. If none kills it (or more than ``max_killers`` do, or the first two tried
+both do), the release is at fault and the failure handler acts as usual.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ RecordId = tuple[str, int, int]
 
 
 class CrashIsolation:
+    max_killers = 10
+    """More records of one batch that kill a worker on their own: the release is at fault."""
+
     def __init__(self, loader: Loader | None) -> None:
         self.loader = loader
         """Loads a worker of a release (the app's loader): probes, and the restart after a record killed one."""
@@ -55,54 +59,66 @@ class CrashIsolation:
         if self.loader is None or not (suspects or no_standby):
             return None
         suspects = suspects or ids
-        found = await self.probe(batch, suspects, active)
-        if found is None:
-            return None
-        r, why = found
-        # a release that dies on any record would die on this one too: it is the record only if a
-        # fresh worker gets through the other suspects
-        others = suspects - {(r.topic, r.partition, r.offset)}
-        if others and await self.probe(batch, others, active) is not None:
-            return None
-        tp = TopicPartition(r.topic, r.partition)
-        self.poison.setdefault(tp, {})[r.offset] = (f"the model process of {active.ref} {why} on this record "
-                                                    f"alone (after: {exc})")[:900]
-        log.error("one record kills the model process: dead-lettering it instead of failing over",
-                  extra={"partition": f"{r.topic}:{r.partition}", "offset": r.offset, "release": active.ref,
-                         "why": why})
+        killers = await self.probe(batch, suspects, active)
+        if not killers:
+            return None  # no record kills a fresh worker on its own: the release is at fault
+        for r, why in killers:
+            tp = TopicPartition(r.topic, r.partition)
+            self.poison.setdefault(tp, {})[r.offset] = (f"the model process of {active.ref} {why} on this record "
+                                                        f"alone (after: {exc})")[:900]
+            log.error("one record kills the model process: dead-lettering it instead of failing over",
+                      extra={"partition": f"{r.topic}:{r.partition}", "offset": r.offset, "release": active.ref,
+                             "why": why})
         try:
             return await self.loader(active.bundle_path, "active")
         except Exception as err:  # noqa: BLE001 - then the failure handler decides, as for any failure
             log.error("could not restart the active release's worker", extra={"error": repr(err)})
             return None
 
-    async def probe(self, batch: "Batch", suspects: set[RecordId], active: LoadedRelease) -> tuple[Any, str] | None:
-        """Run ``suspects`` of ``batch`` one at a time through a throwaway worker of ``active``;
-        the first record its process dies or hangs on, with what happened."""
+    async def probe(self, batch: "Batch", suspects: set[RecordId], active: LoadedRelease
+                    ) -> list[tuple[Any, str]] | None:
+        """Run ``suspects`` of ``batch`` one at a time through throwaway workers of ``active`` (a
+        fresh one after each death): every record a worker dies or hangs on, with what happened.
+        None when more than ``max_killers`` do, or the first record tried does and so does the one
+        after it: a release that dies on anything is at fault, not its records."""
         assert self.loader is not None
-        try:
-            probe = await self.loader(active.bundle_path, "probe")
-        except Exception as err:  # noqa: BLE001
-            log.error("could not start a worker to find the record at fault", extra={"error": repr(err)})
-            return None
+        killers: list[tuple[Any, str]] = []
+        tried = 0
+        probe: LoadedRelease | None = None
         try:
             for i, r in enumerate(batch.refs):
                 if (r.topic, r.partition, r.offset) not in suspects:
                     continue
+                if probe is None:
+                    try:
+                        probe = await self.loader(active.bundle_path, "probe")
+                    except Exception as err:  # noqa: BLE001
+                        log.error("could not start a worker to find the record at fault", extra={"error": repr(err)})
+                        return None
                 key, value, skey = batch.items[i]
                 single = [(key, value, 0 if skey != NO_STATE else NO_STATE)]
                 states = [batch.states[skey]] if skey != NO_STATE else []
+                tried += 1
+                why = ""
                 try:
                     await probe.worker.process(single, states, ())
                 except WorkerCrashed:
-                    return r, "died"
+                    why = "died"
                 except WorkerTimeout:
-                    return r, "hung"
+                    why = "hung"
                 except WorkerOutOfMemory:
-                    return r, "ran out of memory"
+                    why = "ran out of memory"
                 except ReleaseFailure:
-                    continue  # failed otherwise on it: not what killed the worker
-            return None
+                    pass  # failed otherwise on it: not what killed the worker
+                if why:
+                    killers.append((r, why))
+                    if len(killers) > self.max_killers or len(killers) == tried >= 2:
+                        return None
+                    probe.worker.kill()
+                    await probe.worker.close(timeout=1.0)
+                    probe = None
+            return killers
         finally:
-            probe.worker.kill()
-            await probe.worker.close(timeout=1.0)
+            if probe is not None:
+                probe.worker.kill()
+                await probe.worker.close(timeout=1.0)

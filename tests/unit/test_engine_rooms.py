@@ -318,6 +318,15 @@ async def test_a_release_that_dies_on_every_record_is_at_fault_not_a_record():
     assert iso.poison == {}  # 4 killed a probe, and so did another of the suspects
 
 
+async def test_two_records_of_one_batch_that_kill_the_worker_are_both_dead_letters():
+    iso, active, loaded = isolation_with({4: WorkerCrashed, 6: WorkerTimeout})
+    fresh = await iso.isolate(WorkerCrashed("x"), a_batch([3, 4, 5, 6, 7]), active, no_standby=True)
+    assert fresh is not None
+    assert sorted(iso.poison[TP]) == [4, 6]
+    probes = [w for ch, w in loaded if ch == "probe"]
+    assert [p.seen for p in probes] == [[3, 4], [5, 6], [7]]  # a fresh worker after each death
+
+
 async def test_a_record_that_fails_otherwise_is_not_the_one_that_killed_the_worker():
     iso, active, _ = isolation_with({4: BatchFailed})
     assert await iso.isolate(WorkerCrashed("x"), a_batch([4, 5]), active, no_standby=True) is None
