@@ -58,8 +58,9 @@ class CrashIsolation:
         self.suspects = ids
         if self.loader is None or not (suspects or no_standby):
             return None
-        suspects = suspects or ids
-        killers = await self.probe(batch, suspects, active)
+        # every record of the failing batch is probed: the one that killed this worker need not be
+        # among the earlier suspects (a second poison record, after the first was dead-lettered)
+        killers = await self.probe(batch, ids, active)
         if not killers:
             return None  # no record kills a fresh worker on its own: the release is at fault
         for r, why in killers:
