@@ -34,7 +34,11 @@ def register(sub) -> None:
     p.add_argument("--standby-mode", choices=["hot", "warm", "cold"], default="warm",
                    help="how ready the standby is: hot (shadows every batch), warm (model loaded), cold (nothing "
                         "loaded) (default %(default)s)")
-    p.add_argument("--bootstrap", default="127.0.0.1:9092", help="broker (default: the local one, %(default)s)")
+    from daemon.kafka_local import default_port
+
+    p.add_argument("--bootstrap", default=f"127.0.0.1:{default_port()}",
+                   help="broker (default: the local one that `failoverd kafka up` starts, %(default)s; "
+                        "FAILOVERD_KAFKA_PORT moves both)")
     p.add_argument("--ml", action="store_true",
                    help="the real ML releases instead: fraud-ml 1.1.0 (ONNX Runtime) active, 1.0.0 (scikit-learn) "
                         "standby, each in its own environment built from its wheels; the ONNX worker crashes, "
