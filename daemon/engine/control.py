@@ -124,6 +124,8 @@ class ControlSurface:
         self._paused = False
         self.pause_reason = ""
         self._pending_failure: ReleaseFailure | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._woken = False
         self._pending_change: Change | None = None
         self._checkpoint_asap = False  # after a failover: commit the first replayed batch at once
         self._checkpoint_hooks: list[Callable[[], None]] = []
@@ -212,7 +214,15 @@ class ControlSurface:
         if self._pending_failure is not None:
             return False
         self._pending_failure = failure
+        self.wake()
         return True
+
+    def wake(self) -> None:
+        """Cut the loop's wait for records short (or the next one, if it is not waiting):
+        something needs its attention now."""
+        self._woken = True
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     def request_change(self, change: Change, *, replace: bool = True) -> bool:
         """Apply ``change`` at the next checkpoint boundary; ``replace=False``: only if none waits."""

@@ -54,6 +54,9 @@ CLOSE_BUDGET_S = 20.0
 """Shutdown: the final checkpoint, aborts, clients and workers (systemd's TimeoutStopSec is 30 s)."""
 ABORT_S = 5.0
 """A handover past its deadline: the aborts that end our transactions."""
+WAKEABLE_S = 0.005
+"""A fetch that may wait this long or longer is raced against :meth:`Engine.wake` (a shorter one
+is not worth the extra task: the loop comes back within it anyway)."""
 
 
 class Engine(ControlSurface):
@@ -87,6 +90,7 @@ class Engine(ControlSurface):
         self.isolation = CrashIsolation(loader)
         self.pipeline = Pipeline(self.assignment, self.output, self.checkpointer, self.isolation, self.agreement,
                                  emit=lambda b: self._emit(b))
+        self._exit_watch: tuple[Any, asyncio.Task[None]] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -114,6 +118,7 @@ class Engine(ControlSurface):
 
     def stop(self) -> None:
         self.stopping.set()
+        self.wake()
 
     def _fatal(self, exc: BaseException) -> None:
         self.fatal = exc
@@ -131,8 +136,7 @@ class Engine(ControlSurface):
                     wait = 0.001  # the model is busy or outputs wait for a commit: come back soon
                 else:
                     wait = self.policy.time_left() if self.policy.records else 0.5
-                data = await consumer.getmany(timeout_ms=max(1, int(wait * 1000)),
-                                              max_records=self.s.worker.max_batch_records)
+                data = await self._fetch(consumer, wait)
                 async with self.lock:
                     if self.stopping.is_set():
                         break
@@ -146,10 +150,55 @@ class Engine(ControlSurface):
                 self.fatal = self.fatal or exc
             raise
         finally:
+            self._watch_exit(None)
             await self.close(commit=clean)
+
+    async def _fetch(self, consumer: Any, wait: float) -> dict[TopicPartition, list[Any]]:
+        """``getmany`` for up to ``wait`` seconds, cut short by :meth:`wake` (the active model
+        process exited, a failover was requested, or a stop): a dead worker is handled the moment it
+        exits, not when the next batch would have been sent to it. Cancelling ``getmany`` while it
+        waits loses nothing: aiokafka hands out buffered records only when it returns them."""
+        limit = self.s.worker.max_batch_records
+        self._watch_exit(self._active.worker if self._active is not None else None)
+        if wait < WAKEABLE_S:
+            data: dict[TopicPartition, list[Any]] = await consumer.getmany(timeout_ms=max(1, int(wait * 1000)),
+                                                                           max_records=limit)
+            return data
+        if self._woken:
+            self._woken = False
+            return {}
+        woken = self._wake = asyncio.get_running_loop().create_future()
+        fetch = asyncio.ensure_future(consumer.getmany(timeout_ms=int(wait * 1000), max_records=limit))
+        try:
+            await asyncio.wait((fetch, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._wake = None
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.wait((fetch,))
+        if fetch.cancelled():
+            self._woken = False
+            return {}
+        got: dict[TopicPartition, list[Any]] = fetch.result()
+        return got
+
+    def _watch_exit(self, worker: Any) -> None:
+        """Keep one task awaiting the exit of ``worker`` (the active's), which wakes the loop."""
+        if self._exit_watch is not None:
+            if self._exit_watch[0] is worker:
+                return
+            self._exit_watch[1].cancel()
+            self._exit_watch = None
+        if worker is not None and not worker.dead:
+            async def exited() -> None:
+                await worker.wait_exit()
+                self.wake()
+
+            self._exit_watch = (worker, asyncio.create_task(exited(), name="active-worker-exit"))
 
     async def _turn(self, data: dict[TopicPartition, list[Any]]) -> None:
         """One turn of the loop, under the lock."""
+        self._watch_active()  # a model process that exited since the last turn is a failure now
         if self._pending_failure is not None and not self._paused:
             exc, self._pending_failure = self._pending_failure, None
             # a worker found dead while a batch was in flight died on that batch

@@ -149,6 +149,11 @@ class Worker(Protocol):
         """The model process's exit code once it exited on its own or was killed; None while it runs
         (always None in-process: a thread does not exit)."""
 
+    async def wait_exit(self) -> int | None:
+        """Return when the model process exits (its code), however that happens: the engine awaits
+        it so a worker that dies between batches is noticed at once, not at the next batch. Never
+        returns in-process (a thread does not exit)."""
+
     async def start(self) -> dict[str, Any]:
         """Load the bundle; the release info (name, version, digest, ...). BundleError if it cannot."""
 
@@ -205,6 +210,12 @@ class SubprocessWorker(_Worker):
     @property
     def returncode(self) -> int | None:
         return self._proc.returncode if self._proc else None
+
+    async def wait_exit(self) -> int | None:
+        if self._proc is None:
+            await asyncio.Event().wait()  # not started: nothing to exit
+        assert self._proc is not None
+        return await self._proc.wait()
 
     async def start(self) -> dict[str, Any]:
         b = self.boundary
@@ -394,6 +405,10 @@ class InProcessWorker(_Worker):
 
     @property
     def returncode(self) -> int | None:
+        return None
+
+    async def wait_exit(self) -> int | None:
+        await asyncio.Event().wait()  # a thread does not exit
         return None
 
     async def start(self) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import collections
+import os
 import re
+import signal
+import time
 
 import orjson
 import pytest
@@ -32,7 +35,7 @@ def release_of(record) -> str:
 
 
 def assert_switched_once(outputs: list, before: str = "2.0.0", after: str = "1.0.0") -> None:
-    """Per partition, in source order: outputs of the failed release, then only the standby's."""
+    """Per partition, in source order: outputs of the failed release, then only the standby's; both seen."""
     by_part = collections.defaultdict(list)
     for r in outputs:
         part, off = streams.source_position(r)
@@ -40,8 +43,10 @@ def assert_switched_once(outputs: list, before: str = "2.0.0", after: str = "1.0
     for part, seq in by_part.items():
         versions = [v for _, v in sorted(seq)]
         switch = versions.index(after) if after in versions else len(versions)
-        assert set(versions[:switch]) <= {before} and set(versions[switch:]) <= {after}, (part, versions[:50])
-    assert {release_of(r) for r in outputs} == {before, after}
+        assert set(versions[:switch]) <= {before} and set(versions[switch:]) <= {after}, \
+            f"partition {part}: releases are not one switch from {before} to {after}: {versions[:50]}"
+    seen = {release_of(r) for r in outputs}
+    assert seen == {before, after}, f"outputs came from releases {seen}, expected a switch {before} -> {after}"
 
 
 def expected_counts(inputs: dict) -> dict[tuple[int, int], int]:
@@ -164,3 +169,43 @@ async def test_flapping_stops_at_the_cap(kafka_bootstrap, tmp_path, example_bund
         assert len(seen) == len(set(seen))
     finally:
         d.kill9()
+
+
+async def test_a_worker_killed_while_idle_fails_over_at_once(kafka_bootstrap, tmp_path, example_bundles):
+    """The active worker's exit is watched: killed while the loop waits for records (a long
+    checkpoint interval keeps the wait long), the failover starts at once, not at the next batch
+    or the end of the wait (which used to be up to the whole interval, 20 s here)."""
+    names = await make_topics(kafka_bootstrap, "fo-idle", partitions=2)
+    records = streams.transactions(400, seed=5, n_cards=20)
+    await kafkatools.produce(kafka_bootstrap, names["input"], records[:200])
+    cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s",
+                       group=kafkatools.unique("g"), app=kafkatools.unique("app"),
+                       extra={"failover": {"standby_mode": "warm", **FAST_FAILOVER},
+                              "checkpoint": {"interval_ms": 20000, "interval_records": 100000}})
+    d = DaemonProc(cfg, "--active-bundle", str(example_bundles["v2"]), "--standby-bundle",
+                   str(example_bundles["v1"]), log=tmp_path / "d.log").start()
+    try:
+        def status() -> dict:
+            code, body = d.get("/status")
+            return orjson.loads(body) if code == 200 else {}
+
+        await kafkatools.wait_for(lambda: d.check() and (status().get("active") or {}).get("pid"),
+                                  timeout=90, interval=0.2, what="the active worker")
+        pid = status()["active"]["pid"]
+        await kafkatools.produce(kafka_bootstrap, names["input"], records[200:])
+        await kafkatools.wait_for(lambda: sum(p["position"] for p in status().get("partitions", [])) >= 400,
+                                  timeout=60, interval=0.1, what="every record read (the loop idle)")
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        await kafkatools.wait_for(lambda: "FAILOVER" in d.log(), timeout=15, interval=0.01,
+                                  what="the failover to start")
+        noticed = time.monotonic() - killed
+        assert noticed < 3.0, f"the failover started {noticed:.2f} s after the kill (the wait was 20 s)"
+        await kafkatools.wait_for(lambda: d.check() and _count_committed(kafka_bootstrap, names, 400), timeout=60,
+                                  interval=0.3, what="every input accounted for")
+        assert d.terminate() == 0, d.log()[-3000:]
+    finally:
+        if d.alive():
+            d.kill9()
+    inputs, outputs, dead = await streams.verified(kafka_bootstrap, names)
+    assert re.search(r"FAILOVER .*reason=worker_crashed", d.log()), d.log()[-3000:]
