@@ -8,6 +8,10 @@ Events are JSON objects (orjson) on one compacted topic, one partition recommend
 A release event is :meth:`daemon.registry.Release.to_dict` plus ``"type": "release"`` (and, optional,
 ``"holders"``: the admin URLs of instances that hold its bundle, to fetch it from); other
 events (``"type": "failover"``, ``"failover_request"``) are objects with a ``type`` and an ``id``.
+A ``"holding"`` event (``digest``, ``holders``: one admin URL) is an instance announcing that it
+fetched a bundle and now serves it to the others (daemon/distribution/fetch.py): every reader
+notes its holders (:func:`daemon.distribution.peers.note_event`), nothing else acts on it, and
+it is never a release (``release history`` and the release log do not show it).
 
 :func:`check_event` is the one place that decides whether a record is an event failoverd can
 act on: the reader, ``release sync`` and :meth:`daemon.registry.Registry.apply_events` all use
@@ -48,7 +52,7 @@ Event = dict[str, Any]
 RELEASE_PREFIX = "release/"
 EVENT_PREFIX = "event/"
 
-EVENT_TYPES = ("release", "failover", "failover_request")
+EVENT_TYPES = ("release", "failover", "failover_request", "holding")
 SKIP_REASONS = m.CONTROL_SKIP_REASONS
 """Why a control-topic record was skipped (the ``reason`` label of the skipped-events metric)."""
 
@@ -72,7 +76,8 @@ def check_event(value: Any) -> Event:
     kind = value.get("type")
     if kind not in EVENT_TYPES:
         raise InvalidEvent("unknown_type", f"type {kind!r} is not one of {', '.join(EVENT_TYPES)}")
-    required = _RELEASE_TEXT + ("epoch", "channel", "kind") if kind == "release" else ("id",)
+    required = {"release": _RELEASE_TEXT + ("epoch", "channel", "kind"),
+                "holding": ("id", "digest", "holders")}.get(kind, ("id",))
     missing = [f for f in required if f not in value]
     if missing:
         raise InvalidEvent("missing_fields", f"{kind} event lacks {', '.join(missing)}")
@@ -94,6 +99,12 @@ def check_event(value: Any) -> Event:
             bad.append("source")
     if kind == "failover_request" and not isinstance(value.get("reason", ""), str):
         bad.append("reason")
+    if kind == "holding":
+        if not isinstance(value.get("digest"), str) or not value["digest"]:
+            bad.append("digest")
+        holders = value.get("holders")
+        if not isinstance(holders, list) or not holders or not all(isinstance(h, str) and h for h in holders):
+            bad.append("holders")
     if bad:
         raise InvalidEvent("bad_field", f"{kind} event has ill-typed or unknown " + ", ".join(
             f"{f}={value.get(f)!r}"[:80] for f in bad))
@@ -124,6 +135,11 @@ class _Release(Protocol):
 
 def release_event(release: _Release) -> Event:
     return {"type": "release", **release.to_dict()}
+
+
+def holding_event(digest: str, holder: str) -> Event:
+    """``holder`` (an admin URL) now holds the bundle ``digest`` and serves it to peers."""
+    return {"type": "holding", "digest": digest, "holders": [holder]}
 
 
 def keys_for(event: Event) -> list[str]:
@@ -336,6 +352,10 @@ class ControlReader:
             if value["id"] in self._seen:
                 return None  # a release arrives under two keys; report it once
             self._seen.add(value["id"])
+            if value.get("holders"):  # a release or holding event: who serves that bundle to peers
+                from daemon.distribution import peers
+
+                peers.note_event(value)
         event = ControlEvent(key, value, rec.partition, rec.offset)
         self.events.append(event)
         return event

@@ -473,9 +473,11 @@ class Registry:
                 except control.InvalidEvent as exc:
                     control.skipped(exc.reason, str(exc), where="release log sync")
                     continue
+                # who announced holding the bundle (release and holding events): a source to fetch it
+                # from. ControlReader notes every event it reads too; noting one again is harmless.
+                peers.note_event(event)
                 if event.get("type") != "release":
                     continue
-                peers.note_event(event)  # who announced holding its bundle (a source to fetch it from)
                 doc = {k: v for k, v in event.items() if k != "type"}
                 r = Release.from_dict(doc, "control topic release event")
                 if r.id not in known:

@@ -9,6 +9,10 @@ download is refused, counted, logged, deleted, and the next source is tried; it 
 One download per digest at a time: concurrent callers (the start-up, the standby keeper, a
 release event) wait for the same one. ``status()`` lists the fetches in progress and the last
 failure per digest for ``/status``.
+
+After a fetch, the daemon announces on the control topic that it holds the digest (a
+``holding`` event, :func:`announcer`): the promoting host may be gone by the time a later host
+joins, and every instance that fetched the bundle can serve it instead.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +47,34 @@ def verify_download(path: Path, digest: str) -> None:
         raise IntegrityError(f"{label}: hashes to {whole}, not the one asked for")
 
 
+def announcer(settings: Any, me: str) -> Callable[[str], Coroutine[Any, Any, None]]:
+    """Publishes ``{"type": "holding", "digest": ..., "holders": [me]}`` on the control topic, so
+    that every instance adds ``me`` to the holders of ``digest`` (:func:`peers.note_event`). A
+    publication that fails is logged, never raised: the fetch succeeded, and static ``[registry]
+    peers``, the release event's holders and ``bundle_store`` remain sources."""
+    from daemon import control
+
+    async def announce(digest: str) -> None:
+        try:
+            await control.publish(settings.kafka.client_kwargs(), settings.registry.control_topic,
+                                  control.holding_event(digest, me))
+            log.info("announced holding the bundle on the control topic", extra={"digest": digest[:12],
+                                                                                "holder": me})
+        except Exception as exc:  # noqa: BLE001 - a missed announcement only leaves one source fewer
+            log.warning("could not announce holding the bundle; peers will not fetch it from here",
+                        extra={"digest": digest[:12], "error": str(exc)})
+
+    return announce
+
+
 class Fetcher:
-    def __init__(self, registry: Registry, sources: Callable[[str], Sequence[BundleSource]]) -> None:
+    def __init__(self, registry: Registry, sources: Callable[[str], Sequence[BundleSource]], *,
+                 on_fetched: Callable[[str], Coroutine[Any, Any, None]] | None = None) -> None:
         self.registry = registry
         self.sources = sources
+        self.on_fetched = on_fetched
+        """Run (in the background) after each verified fetch, with the digest: the announcement."""
+        self._announcing: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[Path]] = {}
         self._progress: dict[str, dict[str, Any]] = {}
         self.failures: dict[str, dict[str, Any]] = {}
@@ -54,7 +82,8 @@ class Fetcher:
     @classmethod
     def from_settings(cls, settings: Any, token: str | None) -> Fetcher:
         """``[registry] peers`` (the operator's choice: nearest first), then the holders release
-        events name, then the object store."""
+        and holding events name (newest first), then the object store. With a ``token`` (this
+        instance's admin API serves bundles), each fetch is announced on the control topic."""
         r = settings.registry
         me = peers.advertise_url(settings)
         timeout = getattr(r, "fetch_timeout_ms", 60000) / 1000
@@ -69,7 +98,7 @@ class Fetcher:
             urls = [u for u in dict.fromkeys(static + peers.holders(digest)) if u != me]
             return [peers.PeerSource(u, token, timeout) for u in urls] + stores
 
-        return cls(Registry(r.path), sources)
+        return cls(Registry(r.path), sources, on_fetched=announcer(settings, me) if token else None)
 
     def digest_of(self, path: Path) -> str | None:
         """The digest ``path`` stands for when it is this registry's (possibly missing) archive path."""
@@ -96,6 +125,14 @@ class Fetcher:
             task.add_done_callback(lambda _t: self._running.pop(digest, None))
         return await asyncio.shield(task)
 
+    def _announce(self, digest: str) -> None:
+        """Start ``on_fetched`` in the background: a slow broker must not delay loading the bundle."""
+        if self.on_fetched is None:
+            return
+        task = asyncio.create_task(self.on_fetched(digest), name=f"announce-{digest[:12]}")
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
     def status(self) -> dict[str, Any]:
         return {"in_progress": [dict(v) for v in self._progress.values()],
                 "failed": [dict(v) for v in self.failures.values()]}
@@ -121,7 +158,8 @@ class Fetcher:
                         raise IntegrityError(f"stored as {added[:12]}")
                 except SourceError as exc:
                     m.BUNDLE_FETCHES.labels("failed").inc()
-                    tried.append(f"{source.name}: {exc}")
+                    text = str(exc)
+                    tried.append(text if text.startswith(source.name) else f"{source.name}: {text}")
                     log.warning("bundle source failed; trying the next one", extra={
                         "digest": digest[:12], "source": source.name, "error": str(exc)})
                     continue
@@ -137,6 +175,7 @@ class Fetcher:
                 self.failures.pop(digest, None)
                 log.info("bundle fetched and verified", extra={"digest": digest[:12], "source": source.name,
                                                               "bytes": size})
+                self._announce(digest)
                 return self.registry.bundle_path(digest)
             why = "; ".join(tried) if tried else (
                 "no source is configured: no release event names a holder, and [registry] peers and "

@@ -4,10 +4,12 @@
 supported), to a bearer token: the admin token or the read token. An instance's address is its
 ``[registry] advertise_url``, else ``http://`` + its ``[admin] bind`` (:func:`advertise_url`).
 
-Which peers to ask: the configured ``[registry] peers`` first, then the ``holders`` of the
-release events on the control topic (the instance that promoted it: the daemon of the CLI's
-``--config``, or the one whose admin API took the promotion), noted here as events are read
-(:func:`note_event`).
+Which peers to ask: the configured ``[registry] peers`` first, then the ``holders`` the control
+topic names, newest first: those of the release events (the instance that promoted it: the
+daemon of the CLI's ``--config``, or the one whose admin API took the promotion) and of the
+``holding`` events every instance publishes after it fetched a bundle, so a host that joins
+after the promoting one is gone still finds a peer. Every control-topic reader notes them here
+as it reads (:func:`note_event`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ log = logging.getLogger("failoverd.distribution")
 CHUNK = 1 << 20
 
 _holders: dict[str, list[str]] = {}
-"""digest -> admin URLs that announced holding it (newest first), from control-topic events."""
+"""digest -> admin URLs that announced holding it (newest first), from control-topic events.
+Per process, rebuilt from the topic at every start (its events are never compacted away)."""
+
+_noted: set[str] = set()
+"""Ids of the events noted: the same event read again (the start-up sync, then the watcher, and
+the release log sync of each) must not move its holders back in front of newer ones."""
 
 
 def advertise_url(settings: Any) -> str:
@@ -42,10 +49,15 @@ def advertise_url(settings: Any) -> str:
 
 
 def note_event(event: dict[str, Any]) -> None:
-    """Remember who announced holding the digest of a release event (its optional ``holders``)."""
+    """Remember who announced holding the digest of a release or holding event (its ``holders``)."""
     digest, holders = event.get("digest"), event.get("holders")
     if not isinstance(digest, str) or not isinstance(holders, list):
         return
+    event_id = event.get("id")
+    if isinstance(event_id, str):
+        if event_id in _noted:
+            return
+        _noted.add(event_id)
     known = _holders.setdefault(digest, [])
     for url in reversed([h for h in holders if isinstance(h, str) and h]):
         url = url.rstrip("/")
@@ -61,6 +73,7 @@ def holders(digest: str) -> list[str]:
 def forget_all() -> None:
     """For tests."""
     _holders.clear()
+    _noted.clear()
 
 
 class PeerSource:

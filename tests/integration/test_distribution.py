@@ -140,3 +140,90 @@ async def test_promotion_reaches_instances_with_their_own_registries(kafka_boots
             if d.alive():
                 d.kill9()
     await streams.verified(kafka_bootstrap, names)
+
+
+async def holding_events(bootstrap: str, topic: str) -> list[dict]:
+    from daemon.control import ControlReader
+
+    async with ControlReader(bootstrap, topic, timeout=10) as reader:
+        return [e.value for e in reader.events if e.type == "holding" and e.value is not None]
+
+
+async def test_an_instance_that_fetched_a_bundle_serves_it_after_the_promoting_host_is_gone(
+        kafka_bootstrap, tmp_path, example_bundles):
+    """a promotes; b (empty registry) fetches from a and announces it holds the bundle; a stops;
+    c (empty registry, no static peers, no object store) fetches from b, found through b's
+    ``holding`` event on the control topic, which no release log records."""
+    names = await make_topics(kafka_bootstrap, "hold", partitions=2)
+    group, app = kafkatools.unique("g"), kafkatools.unique("app")
+    token = tmp_path / "token"
+    token.write_text("s3cret-read-token\n")
+    token.chmod(0o600)
+
+    def config(n: str):
+        return write_config(tmp_path / f"{n}.toml", bootstrap=kafka_bootstrap, names=names,
+                            state_dir=tmp_path / f"s{n}", registry=tmp_path / f"registry-{n}", group=group, app=app,
+                            extra={"registry": {"read_token_file": str(token)}})
+
+    cfg_a, cfg_b, cfg_c = config("a"), config("b"), config("c")
+    cli("release", "promote", "fraud-scorer@1.0.0", "--bundle", str(example_bundles["v1"]), "--channel", "active",
+        "--reason", "first", "--config", str(cfg_a))
+    digest = Registry(tmp_path / "registry-a").resolve("fraud-scorer@1.0.0")
+    records = streams.transactions(5000, seed=180, n_cards=40)
+    a = DaemonProc(cfg_a, log=tmp_path / "a.log").start()
+    daemons = [a]
+    feeder = Feeder(kafka_bootstrap, names["input"], records, per_batch=100, pause=0.1)
+    feed = asyncio.create_task(feeder.run())
+    try:
+        await kafkatools.wait_for(lambda: a.check() and a.get("/readyz")[0] == 200, timeout=60, what="a ready")
+        b = DaemonProc(cfg_b, log=tmp_path / "b.log").start()
+        daemons.append(b)
+        await kafkatools.wait_for(lambda: b.check() and b.get("/readyz")[0] == 200, timeout=60, what="b ready")
+        assert Registry(tmp_path / "registry-b").source_of(digest) == f"peer {a.admin_url}"
+
+        async def announced() -> list[dict]:
+            return [e for e in await holding_events(kafka_bootstrap, names["control"])
+                    if e["digest"] == digest and e["holders"] == [b.admin_url]]
+
+        await kafkatools.wait_for(announced, timeout=30, interval=0.5, what="b's holding event")
+
+        assert a.terminate() == 0  # the promoting host goes away
+        c = DaemonProc(cfg_c, log=tmp_path / "c.log").start()
+        daemons.append(c)
+        await kafkatools.wait_for(lambda: b.check() and c.check() and c.get("/readyz")[0] == 200, timeout=60,
+                                  what="c ready")
+        assert active_versions([b, c]) == {"1.0.0"}
+        reg_c = Registry(tmp_path / "registry-c")
+        assert reg_c.store.digests() == [digest]
+        assert reg_c.source_of(digest) == f"peer {b.admin_url}"  # b first: the newest holder
+        assert metric(c, 'failoverd_bundle_fetches_total{result="ok"}') == 1
+        assert metric(c, 'failoverd_bundle_fetches_total{result="failed"}') == 0
+        # c announced too; holding events are not releases: c's log has the one promotion, and no
+        # instance skipped a control record
+        await kafkatools.wait_for(lambda: _holders_of(kafka_bootstrap, names, digest), timeout=30, interval=0.5,
+                                  what="c's holding event")
+        assert [(r.kind, r.channel, r.version) for r in reg_c.history()] == [("promote", "active", "1.0.0")]
+        history = cli("release", "history", "--config", str(cfg_c)).stdout
+        assert history.count("fraud-scorer@1.0.0") == 1, history
+        for d in (b, c):
+            assert metric(d, "failoverd_control_events_skipped_total") == 0
+
+        await feed
+        await kafkatools.wait_for(lambda: b.check() and c.check() and
+                                  _count_committed(kafka_bootstrap, names, len(records)), timeout=90, interval=0.5,
+                                  what="every input accounted for")
+        for d in (b, c):
+            assert d.terminate() == 0
+    finally:
+        feed.cancel()
+        for d in daemons:
+            if d.alive():
+                d.kill9()
+    await streams.verified(kafka_bootstrap, names)
+
+
+async def _holders_of(bootstrap: str, names: dict, digest: str) -> set[str]:
+    """The admin URLs that announced holding ``digest``, once two have (b and c); empty before."""
+    held = {h for e in await holding_events(bootstrap, names["control"]) if e["digest"] == digest
+            for h in e["holders"]}
+    return held if len(held) == 2 else set()
