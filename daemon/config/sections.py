@@ -317,6 +317,7 @@ class WorkerSettings(Section):
     predict_timeout_ms: int = key(5000, min=1)
     start_timeout_ms: int = key(60000, min=1)
     max_batch_records: int = key(1000, min=1)
+    processes: int = key(1, min=1, max=64)  # model processes per release, keys spread by hash (daemon.engine.pool)
     # The release boundary (docs/architecture.md "Trust boundary"): the largest frame a worker may
     # send, what of the daemon's environment it sees besides the allowlist, and its resource limits
     # (0 = no limit; applied with setrlimit in the worker before the model loads).
@@ -328,10 +329,16 @@ class WorkerSettings(Section):
     max_processes: int = key(0, min=0)
 
     def _cross_problems(self) -> list[Problem]:
+        problems = []
         if 0 < self.max_open_files < 16:
-            return [Problem("worker.max_open_files", self.max_open_files,
-                            "expected 0 (no limit) or at least 16: the worker itself needs a few descriptors")]
-        return []
+            problems.append(Problem("worker.max_open_files", self.max_open_files,
+                                    "expected 0 (no limit) or at least 16: the worker itself needs a few descriptors"))
+        if self.processes > 1 and self.mode != "subprocess":
+            problems.append(Problem("worker.processes", self.processes,
+                                    f"expected 1 with worker.mode = \"{self.mode}\" (an in-process model runs in a "
+                                    "thread of the daemon); fix: set worker.processes = 1, or worker.mode = "
+                                    "\"subprocess\""))
+        return problems
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,13 +35,13 @@ from typing import Any, NoReturn, Protocol
 from daemon.bundle.environments import worker_python
 from daemon.engine import framing, replies
 from daemon.engine.batch import BatchProcessor, IsolationLimits
-from daemon.errors import (BatchFailed, BundleError, ProtocolError, ReleaseFailure, WorkerCrashed, WorkerOutOfMemory,
-                           WorkerTimeout)
+from daemon.errors import (BatchFailed, BundleError, ConfigError, ProtocolError, ReleaseFailure, WorkerCrashed,
+                           WorkerOutOfMemory, WorkerTimeout)
 from daemon.formats import WAITING, needs_registry
 from daemon.formats.keepalive import BadKeepAlive, RegistryWaits
 
 __all__ = ["BatchFailed", "Boundary", "InProcessWorker", "SubprocessWorker", "Worker", "make_worker", "set_boundary",
-           "set_bindings", "set_formats"]
+           "set_bindings", "set_formats", "set_processes"]
 
 log = logging.getLogger("failoverd.worker")
 
@@ -109,6 +109,7 @@ def configure(settings: Any) -> None:
     set_boundary(Boundary.from_settings(settings.worker))
     set_formats(formats.spec_of(settings))
     set_bindings({name: str(p) for name, p in settings.bindings.items()})
+    set_processes(settings.worker.processes)
 
 
 def current_bindings() -> dict[str, str]:
@@ -483,8 +484,33 @@ class InProcessWorker(_Worker):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+_processes = 1
+
+
+def set_processes(processes: int) -> None:
+    """How many model processes every release started from now on gets (``[worker] processes``;
+    ``App`` sets it from the configuration through :func:`configure`)."""
+    global _processes
+    _processes = processes
+
+
 def make_worker(mode: str, bundle_path: Path, unpack_dir: Path | None, *, predict_timeout: float,
-                start_timeout: float, label: str, isolation: IsolationLimits | None = None) -> Worker:
+                start_timeout: float, label: str, isolation: IsolationLimits | None = None,
+                processes: int | None = None) -> Worker:
+    """``processes`` (default: ``[worker] processes``, :func:`set_processes`): more than one gives a
+    :class:`daemon.engine.pool.WorkerPool` of that many subprocess workers. A crash-isolation probe
+    (label ``probe``) runs one record at a time and always gets one process."""
+    n = _processes if processes is None else processes
+    if label == "probe":
+        n = 1
+    if n > 1 and mode != "subprocess":
+        raise ConfigError(f"worker.processes = {n} needs worker.mode = \"subprocess\" (an in-process model runs in "
+                          f"a thread of the daemon); fix: set worker.processes = 1, or worker.mode = \"subprocess\"")
+    if n > 1:
+        from daemon.engine.pool import WorkerPool  # it builds on this module
+
+        return WorkerPool(bundle_path, unpack_dir, processes=n, predict_timeout=predict_timeout,
+                          start_timeout=start_timeout, label=label, isolation=isolation)
     cls: type[SubprocessWorker] | type[InProcessWorker] = SubprocessWorker if mode == "subprocess" else InProcessWorker
     return cls(bundle_path, unpack_dir, predict_timeout=predict_timeout, start_timeout=start_timeout, label=label,
                isolation=isolation)
