@@ -166,20 +166,14 @@ async def execute(admin: AIOKafkaAdminClient, plan: Plan) -> None:
         for name in altered
     ]
 
-    # 1. validate everything, change nothing
-    if creates:
-        await _create(admin, creates, validate_only=True)
-    if partitions:
-        await _add_partitions(admin, partitions, validate_only=True)
-    if alter_resources:
-        await _alter(admin, alter_resources, validate_only=True)
-    # 2. change
-    if creates:
-        await _create(admin, creates, validate_only=False)
-    if partitions:
-        await _add_partitions(admin, partitions, validate_only=False)
-    if alter_resources:
-        await _alter(admin, alter_resources, validate_only=False)
+    # the same steps twice: first validate everything and change nothing, then change
+    for validate_only in (True, False):
+        if creates:
+            await _create(admin, creates, validate_only=validate_only)
+        if partitions:
+            await _add_partitions(admin, partitions, validate_only=validate_only)
+        if alter_resources:
+            await _alter(admin, alter_resources, validate_only=validate_only)
 
 
 async def _create(admin: AIOKafkaAdminClient, specs: list[TopicSpec], *, validate_only: bool) -> None:

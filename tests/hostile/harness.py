@@ -24,19 +24,16 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
 from daemon.engine import headers as H
-from tests import kafkatools, streams
+from tests import bundlesmith, kafkatools, streams
 from tests.daemonproc import DaemonProc, make_topics, write_config  # noqa: F401 - DaemonProc for tests
-
-FAST_FAILOVER = {"cooldown_ms": 0, "min_samples": 5, "error_window": 20, "error_rate_threshold": 0.5,
-                 "latency_p99_slo_ms": 5000, "output_invalid_rate_threshold": 0.5}
-"""As tests/integration/test_failover.py: a failing release is failed over after a few batches."""
+from tests.integration.test_failover import FAST_FAILOVER, assert_switched_once, release_of  # noqa: F401 - for tests
 
 PAUSED_GIVE_UP_S = 10.0
 """A daemon paused this long while inputs wait will not finish on its own (a standby reloads in
 about a second): the wait fails then instead of at its deadline."""
 
 GOOD_VERSION = "1.0.0"
-HOSTILE_VERSION = "2.0.0"
+HOSTILE_VERSION = "2.0.0"  # assert_switched_once's default switch is from HOSTILE_VERSION to GOOD_VERSION
 
 # ---- bundles --------------------------------------------------------------------------------------
 INPUT_SCHEMA = {
@@ -54,6 +51,19 @@ OUTPUT_SCHEMA = {
     "additionalProperties": True,  # lets a hostile model pad an output past what the broker accepts
 }
 
+PROTOCOL_OUT = '''\
+def protocol_out():
+    """The worker's protocol channel (what a model is never meant to reach): main()'s proto_out."""
+    f = sys._getframe()
+    while f is not None:
+        if "proto_out" in f.f_locals:
+            return f.f_locals["proto_out"]
+        f = f.f_back
+    raise RuntimeError("protocol channel not found")
+'''
+"""Model source (needs ``import sys``) of ``protocol_out()``: the channel a hostile model writes
+its own frames on, found by walking up the worker's stack to ``main()``."""
+
 MODEL_TEMPLATE = '''\
 """A model of the hostile suite: counts records per card; misbehaves on records marked "fault"."""
 import ctypes
@@ -67,15 +77,7 @@ import time
 from daemon.model import Prediction
 
 
-def protocol_out():
-    """The worker's protocol channel (what a model is never meant to reach): main()'s proto_out."""
-    f = sys._getframe()
-    while f is not None:
-        if "proto_out" in f.f_locals:
-            return f.f_locals["proto_out"]
-        f = f.f_back
-    raise RuntimeError("protocol channel not found")
-
+{protocol_out}
 
 class Model:
     def __init__(self, context):
@@ -108,38 +110,15 @@ def model_source(on_fault: str = "pass", *, init: str = "pass", close: str = "pa
         return textwrap.indent(textwrap.dedent(code).strip(), " " * indent)
 
     return MODEL_TEMPLATE.format(on_fault=block(on_fault, 12), init=block(init, 8), close=block(close, 8),
-                                 on_batch=block(on_batch, 8))
+                                 on_batch=block(on_batch, 8), protocol_out=PROTOCOL_OUT)
 
 
 def write_bundle_source(root: Path, *, name: str, version: str, source: str, state_schema_version: int = 1) -> Path:
-    """A bundle source directory laid out like examples/bundles/fraud-v1."""
-    (root / "code").mkdir(parents=True, exist_ok=True)
-    (root / "schemas").mkdir(exist_ok=True)
-    (root / "data").mkdir(exist_ok=True)
-    (root / "code" / "model.py").write_text(source)
-    (root / "schemas" / "input.json").write_text(json.dumps(INPUT_SCHEMA, indent=2))
-    (root / "schemas" / "output.json").write_text(json.dumps(OUTPUT_SCHEMA, indent=2))
-    (root / "data" / "note.txt").write_text("hostile suite\n")
-    (root / "requirements.lock").write_text("# no third-party packages\n")
-    (root / "bundle.toml").write_text(textwrap.dedent(f"""\
-        [bundle]
-        name = "{name}"
-        version = "{version}"
-        entrypoint = "model:Model"
-        python = "3.11"
-        state_schema_version = {state_schema_version}
-
-        [schemas]
-        input = "schemas/input.json"
-        output = "schemas/output.json"
-
-        [data]
-        note = "data/note.txt"
-
-        [dependencies]
-        lock = "requirements.lock"
-        """))
-    return root
+    """A bundle source directory laid out like examples/bundles/fraud-v1 (with a data file)."""
+    return bundlesmith.write_source(root, bundlesmith.source_files(
+        name=name, version=version, entrypoint="model:Model", model=source, input_schema=INPUT_SCHEMA,
+        output_schema=OUTPUT_SCHEMA, state_schema_version=state_schema_version,
+        data={"data/note.txt": "hostile suite\n"}))
 
 
 def build_bundle(tmp: Path, *, name: str, version: str, source: str) -> Path:
@@ -376,25 +355,6 @@ def detail_of(record) -> str:
     return H.as_dict(record.headers).get(H.H_DLQ_DETAIL, b"").decode("utf-8", "replace")
 
 
-def release_of(record) -> str:
-    return H.as_dict(record.headers)[H.H_RELEASE_VERSION].decode()
-
-
-def assert_switched(outputs: list, before: str = HOSTILE_VERSION, after: str = GOOD_VERSION) -> None:
-    """Per partition in source order: the bad release's outputs, then only the standby's; both seen."""
-    by_part = collections.defaultdict(list)
-    for r in outputs:
-        part, off = streams.source_position(r)
-        by_part[part].append((off, release_of(r)))
-    for part, seq in by_part.items():
-        versions = [v for _, v in sorted(seq)]
-        switch = versions.index(after) if after in versions else len(versions)
-        assert set(versions[:switch]) <= {before} and set(versions[switch:]) <= {after}, \
-            f"partition {part}: releases are not one switch from {before} to {after}: {versions[:40]}"
-    seen = {release_of(r) for r in outputs}
-    assert seen == {before, after}, f"outputs came from releases {seen}, expected a switch {before} -> {after}"
-
-
 def failovers(log: str) -> list[str]:
     return re.findall(r"FAILOVER .*", log)
 
@@ -460,6 +420,19 @@ class Checks:
         except AssertionError as exc:
             self.failed.append(f"- {what}: {str(exc)[:1500]}")
             return False
+
+    async def every_run(self, run: Run) -> tuple[list, list]:
+        """The checks every run makes once all its inputs are produced: the pipeline finishes on its
+        own, every input once under read_committed, each output answers its own input, each dead
+        letter carries its input. Returns what was read back: (outputs, dead letters)."""
+        await self("the pipeline finishes on its own (group commits to the end, daemon alive)",
+                   run.wait_committed, None, 40)
+        outputs, dead = await read_results(run)
+        await self("every input once under read_committed", assert_each_input_once, run.sent, outputs, dead)
+        await self("every output answers its own input", assert_outputs_answer_their_inputs, run.sent, outputs)
+        await self("dead letters carry a reason and the original bytes", assert_dead_letters_carry_their_input,
+                   run.sent, dead)
+        return outputs, dead
 
     def raise_if_any(self, log: str) -> None:
         if self.failed:

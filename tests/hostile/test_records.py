@@ -65,13 +65,7 @@ async def test_hostile_records_each_cost_at_most_a_dead_letter(kafka_bootstrap, 
         await h.produce(kafka_bootstrap, run.names["input"], [v[:3] for v in HOSTILE.values()], run.sent,
                         labels=list(HOSTILE), raw_headers=True)
         await h.produce(kafka_bootstrap, run.names["input"], normal[300:], run.sent)
-        await checks("the pipeline finishes on its own (group commits to the end, daemon alive)",
-                     run.wait_committed, None, 40)
-        outputs, dead = await h.read_results(run)
-        await checks("every input once under read_committed", h.assert_each_input_once, run.sent, outputs, dead)
-        await checks("every output answers its own input", h.assert_outputs_answer_their_inputs, run.sent, outputs)
-        await checks("dead letters carry a reason and the original bytes", h.assert_dead_letters_carry_their_input,
-                     run.sent, dead)
+        outputs, dead = await checks.every_run(run)
         await checks("each hostile record ends as expected", _each_as_expected, run, outputs, dead)
         await checks("per-card state carried exactly once (counts 1, 2, 3...)", h.streams.assert_counts_chain,
                      outputs)

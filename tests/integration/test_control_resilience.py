@@ -7,23 +7,13 @@ Before: a non-JSON value or a release event lacking its fields stopped the watch
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import orjson
 
-from daemon.registry import Registry
 from tests import kafkatools, streams
-from tests.conftest import ROOT
 from tests.daemonproc import DaemonProc, make_topics, write_config
+from tests.integration.test_coordination import cli
 from tests.integration.test_failover import release_of
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 def metric(daemon: DaemonProc, name: str) -> float | None:
@@ -38,14 +28,10 @@ def metric(daemon: DaemonProc, name: str) -> float | None:
 
 
 async def test_a_promotion_after_garbage_on_the_control_topic_takes_effect(kafka_bootstrap, tmp_path,
-                                                                           example_bundles):
+                                                                           example_registry):
     names = await make_topics(kafka_bootstrap, "ctlres", partitions=1)
-    registry_dir = tmp_path / "registry"
-    registry = Registry(registry_dir)
-    for v in ("v1", "v2"):
-        registry.add(example_bundles[v])
     cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "state",
-                       registry=registry_dir, group=kafkatools.unique("g"), app=kafkatools.unique("app"))
+                       registry=example_registry, group=kafkatools.unique("g"), app=kafkatools.unique("app"))
     cli("release", "promote", "fraud-scorer@1.0.0", "--channel", "active", "--reason", "first", "--config", str(cfg))
     records = streams.transactions(200, seed=5)
     daemon = DaemonProc(cfg, log=tmp_path / "daemon.log").start()

@@ -35,15 +35,11 @@ def active_versions(daemons) -> set:
     return out
 
 
-async def test_promotion_and_manual_failover_reach_every_instance(kafka_bootstrap, tmp_path, example_bundles):
+async def test_promotion_and_manual_failover_reach_every_instance(kafka_bootstrap, tmp_path, example_registry):
     names = await make_topics(kafka_bootstrap, "coord", partitions=2)
-    registry_dir = tmp_path / "registry"
-    registry = Registry(registry_dir)
-    for v in ("v1", "v2"):
-        registry.add(example_bundles[v])
     group, app = kafkatools.unique("g"), kafkatools.unique("app")
     cfgs = [write_config(tmp_path / f"{n}.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / f"s{n}",
-                         registry=registry_dir, group=group, app=app) for n in ("a", "b")]
+                         registry=example_registry, group=group, app=app) for n in ("a", "b")]
     cfg = str(cfgs[0])
     cli("release", "promote", "fraud-scorer@1.0.0", "--channel", "active", "--reason", "first", "--config", cfg)
     cli("release", "promote", "fraud-scorer@2.0.0", "--channel", "standby", "--reason", "canary", "--config", cfg)
@@ -91,7 +87,7 @@ async def test_promotion_and_manual_failover_reach_every_instance(kafka_bootstra
         runs = [v for i, v in enumerate(seq) if i == 0 or seq[i - 1] != v]
         assert runs == ["1.0.0", "2.0.0", "1.0.0"], (part, runs)
     # the failover was recorded in the release log as the active release
-    history = Registry(registry_dir).history()
+    history = Registry(example_registry).history()
     assert history[-1].kind == "failover" and history[-1].version == "1.0.0"
 
 
@@ -131,16 +127,12 @@ async def test_admin_api_of_a_live_daemon(kafka_bootstrap, tmp_path, example_bun
 
 
 async def test_rollback_with_rescore_writes_corrections_for_the_rolled_back_window(kafka_bootstrap, tmp_path,
-                                                                                   example_bundles):
+                                                                                   example_registry):
     from daemon.engine import headers as H
 
     names = await make_topics(kafka_bootstrap, "rescore", partitions=2)
-    registry_dir = tmp_path / "registry"
-    registry = Registry(registry_dir)
-    for v in ("v1", "v2"):
-        registry.add(example_bundles[v])
     cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s",
-                       registry=registry_dir, group=kafkatools.unique("g"), app=kafkatools.unique("app"))
+                       registry=example_registry, group=kafkatools.unique("g"), app=kafkatools.unique("app"))
     cli("release", "promote", "fraud-scorer@1.0.0", "--channel", "active", "--reason", "first", "--config", str(cfg))
     d = DaemonProc(cfg, log=tmp_path / "d.log").start()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import os
 import signal
 import subprocess
@@ -41,11 +42,13 @@ class FaustApp:
 
     def __init__(self, tmp: Path, config: Path, app_id: str, bootstrap: str) -> None:
         self.log_path = tmp / "faust.log"
+        self.metrics_port = free_port()  # the integration's /metrics, which the tests scrape
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), FAILOVERD_CONFIG=str(config),
                         FAUST_BOOTSTRAP=bootstrap,  # the test's broker (FAILOVERD_TEST_KAFKA_PORT may move it)
                         FAUST_APP_ID=app_id, FAUST_DATADIR=str(tmp / "faust-data"),
                         FAUST_PARTITIONS=str(PARTITIONS), FAUST_BATCH=str(BATCH),
-                        FAUST_COMMIT_INTERVAL=str(COMMIT_INTERVAL), FAUST_WEB_PORT=str(free_port()))
+                        FAUST_COMMIT_INTERVAL=str(COMMIT_INTERVAL), FAUST_WEB_PORT=str(free_port()),
+                        FAUST_METRICS_PORT=str(self.metrics_port))
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> FaustApp:
@@ -191,6 +194,22 @@ async def setup(tmp_path, kafka_bootstrap, example_bundles):
     app.stop()
 
 
+async def produce_until_standby_answers(rb: Readback, app: FaustApp, bootstrap: str, topic: str, inputs: dict,
+                                       first_seed: int, what: str) -> None:
+    """Produce 10 transactions at a time (seeds ``first_seed``, +1, ...; what was written goes into
+    ``inputs``) until an output of fraud-scorer 1.0.0 shows: the app switches asynchronously, so
+    records must keep coming for the switch to show in the outputs."""
+    seeds = itertools.count(first_seed)
+
+    async def switched() -> bool:
+        inputs.update(await produce(bootstrap, topic, streams.transactions(10, seed=next(seeds))))
+        await asyncio.sleep(0.2)
+        await rb.poll()
+        return any(version(r) == b"1.0.0" for r in rb.outputs)
+
+    await rb.until(switched, app, 30, what)
+
+
 def report(name: str, inputs: dict, rb: Readback) -> int:
     seen = rb.positions()
     dups = sum(n - 1 for n in seen.values() if n > 1)
@@ -203,9 +222,7 @@ def report(name: str, inputs: dict, rb: Readback) -> int:
 
 async def test_kill9_of_the_active_model_worker_fails_over_to_the_standby(setup, kafka_bootstrap, example_bundles):
     names, _, app, digests = setup
-    port = free_port()
-    app.env["FAUST_METRICS_PORT"] = str(port)
-    app.start()
+    port = app.start().metrics_port
     first = await produce(kafka_bootstrap, names["input"], streams.transactions(1500, seed=1))
     async with Readback(kafka_bootstrap, names) as rb:
         await rb.until(lambda: len(rb.outputs) >= 200, app, 40, "the first outputs")
@@ -233,9 +250,7 @@ async def test_kill9_of_the_active_model_worker_fails_over_to_the_standby(setup,
 
 async def test_release_promote_switches_the_running_app(setup, kafka_bootstrap):
     names, config, app, _ = setup
-    port = free_port()
-    app.env["FAUST_METRICS_PORT"] = str(port)
-    app.start()
+    port = app.start().metrics_port
     inputs = await produce(kafka_bootstrap, names["input"], streams.transactions(200, seed=3))
     async with Readback(kafka_bootstrap, names) as rb:
         await rb.until(lambda: set(inputs) <= set(rb.positions()), app, 40, "outputs of 2.0.0")
@@ -245,17 +260,8 @@ async def test_release_promote_switches_the_running_app(setup, kafka_bootstrap):
                                   "--channel", "active", "--reason", "faust integration test", "--config",
                                   str(config)], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert promote.returncode == 0, promote.stderr
-        seed = 10
-
-        async def switched() -> bool:
-            nonlocal seed
-            seed += 1
-            inputs.update(await produce(kafka_bootstrap, names["input"], streams.transactions(10, seed=seed)))
-            await asyncio.sleep(0.2)
-            await rb.poll()
-            return any(version(r) == b"1.0.0" for r in rb.outputs)
-
-        await rb.until(switched, app, 30, "an output of fraud-scorer 1.0.0 after the promotion")
+        await produce_until_standby_answers(rb, app, kafka_bootstrap, names["input"], inputs, 11,
+                                            "an output of fraud-scorer 1.0.0 after the promotion")
         last = await produce(kafka_bootstrap, names["input"], streams.transactions(200, seed=99))
         inputs.update(last)
         await rb.until(lambda: set(inputs) <= set(rb.positions()), app, 30, "an output for every input")
@@ -266,9 +272,7 @@ async def test_release_promote_switches_the_running_app(setup, kafka_bootstrap):
 
 async def test_a_poison_record_becomes_a_dead_letter(setup, kafka_bootstrap):
     names, _, app, _ = setup
-    port = free_port()
-    app.env["FAUST_METRICS_PORT"] = str(port)
-    app.start()
+    port = app.start().metrics_port
     good = streams.transactions(300, seed=5)
     value = orjson.loads(good[0][1])
     poison = [
@@ -309,9 +313,7 @@ async def test_a_poison_record_becomes_a_dead_letter(setup, kafka_bootstrap):
 
 async def test_failoverd_failover_reaches_the_running_app(setup, kafka_bootstrap):
     names, config, app, _ = setup
-    port = free_port()
-    app.env["FAUST_METRICS_PORT"] = str(port)
-    app.start()
+    port = app.start().metrics_port
     inputs = await produce(kafka_bootstrap, names["input"], streams.transactions(100, seed=7))
     async with Readback(kafka_bootstrap, names) as rb:
         await rb.until(lambda: set(inputs) <= set(rb.positions()), app, 40, "outputs of 2.0.0")
@@ -319,17 +321,8 @@ async def test_failoverd_failover_reaches_the_running_app(setup, kafka_bootstrap
         request = subprocess.run([sys.executable, "-m", "daemon", "failover", "--reason", "faust integration drill",
                                   "--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert request.returncode == 0, request.stderr
-        seed = 20
-
-        async def switched() -> bool:
-            nonlocal seed
-            seed += 1
-            inputs.update(await produce(kafka_bootstrap, names["input"], streams.transactions(10, seed=seed)))
-            await asyncio.sleep(0.2)
-            await rb.poll()
-            return any(version(r) == b"1.0.0" for r in rb.outputs)
-
-        await rb.until(switched, app, 30, "an output of the standby (1.0.0) after `failoverd failover`")
+        await produce_until_standby_answers(rb, app, kafka_bootstrap, names["input"], inputs, 21,
+                                            "an output of the standby (1.0.0) after `failoverd failover`")
         await rb.until(lambda: set(inputs) <= set(rb.positions()), app, 30, "an output for every input")
     report("failover request", inputs, rb)
     assert 'failoverd_failovers_total{integration="faust",reason="manual"} 1.0' in scrape(port).splitlines()

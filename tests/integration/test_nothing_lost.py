@@ -12,7 +12,6 @@ import json
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from daemon.registry import Registry
 from tests import kafkatools, streams
 from tests.daemonproc import DaemonProc, make_topics, write_config
 from tests.integration.test_coordination import cli
@@ -81,20 +80,16 @@ async def test_an_output_larger_than_the_topic_accepts_is_a_dead_letter(kafka_bo
     assert "FAILOVER" not in d.log()
 
 
-async def test_a_rebalance_while_paused_skips_no_record(kafka_bootstrap, tmp_path, example_bundles):
+async def test_a_rebalance_while_paused_skips_no_record(kafka_bootstrap, tmp_path, example_registry):
     """The active fails with no standby: paused. Another instance joins the group and leaves again,
     records keep arriving, a good release is promoted. Before: the new assignment started unpaused,
     the loop dropped what it fetched, resuming did not seek back, and the next checkpoint committed
     past records never processed. Now every input is output once."""
     names = await make_topics(kafka_bootstrap, "pausereb", partitions=2)
-    registry_dir = tmp_path / "registry"
-    registry = Registry(registry_dir)
-    for v in ("v1", "v2"):
-        registry.add(example_bundles[v])
     group, app = kafkatools.unique("g"), kafkatools.unique("app")
     extra = {"failover": {"standby_mode": "warm", **FAST_FAILOVER}, "worker": {"predict_timeout_ms": 1500}}
     cfg_a, cfg_b = (write_config(tmp_path / f"{n}.toml", bootstrap=kafka_bootstrap, names=names,
-                                 state_dir=tmp_path / f"s{n}", registry=registry_dir, group=group, app=app,
+                                 state_dir=tmp_path / f"s{n}", registry=example_registry, group=group, app=app,
                                  extra=extra) for n in ("a", "b"))
     cli("release", "promote", "fraud-scorer@2.0.0", "--channel", "active", "--reason", "v2", "--config", str(cfg_a))
     # the release breaks for good at record 1000 (every batch raises from there): with no standby, a pause

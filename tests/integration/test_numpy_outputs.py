@@ -10,16 +10,13 @@ record was a ``model_exception`` dead letter ("Type is not JSON serializable").
 
 from __future__ import annotations
 
-import json
-import sys
-
 import numpy  # noqa: F401 - the test extra installs it: a missing install fails here, never skips
 import orjson
 
 from daemon.bundle import build
 from daemon.engine import headers as H
 from daemon.registry import Registry
-from tests import kafkatools, streams
+from tests import bundlesmith, kafkatools, streams
 from tests.daemonproc import DaemonProc, make_topics, write_config
 from tests.integration.test_engine import _count_committed
 
@@ -57,29 +54,11 @@ OUTPUT_SCHEMA = {"type": "object", "required": ["card_id", "count", "score", "fl
 
 
 def _numpy_bundle(tmp_path):
-    src = tmp_path / "numpy-src"
-    (src / "code").mkdir(parents=True)
-    (src / "schemas").mkdir()
-    (src / "bundle.toml").write_text(f'''[bundle]
-name = "numpy-scorer"
-version = "1.0.0"
-entrypoint = "model:NumpyScorer"
-python = "{sys.version_info[0]}.{sys.version_info[1]}"
-state_schema_version = 1
-
-[schemas]
-input = "schemas/input.json"
-output = "schemas/output.json"
-
-[dependencies]
-lock = "requirements.lock"
-''')
-    (src / "code" / "model.py").write_text(MODEL)
-    (src / "schemas" / "input.json").write_text(json.dumps(
-        {"type": "object", "required": ["card_id", "amount", "features"]}))
-    (src / "schemas" / "output.json").write_text(json.dumps(OUTPUT_SCHEMA))
-    (src / "requirements.lock").write_text("# numpy comes from the daemon's environment in this test\n")
-    return build(src, tmp_path / "dist")
+    files = bundlesmith.source_files(
+        name="numpy-scorer", version="1.0.0", entrypoint="model:NumpyScorer", model=MODEL,
+        input_schema={"type": "object", "required": ["card_id", "amount", "features"]}, output_schema=OUTPUT_SCHEMA,
+        lock="# numpy comes from the daemon's environment in this test\n")
+    return build(bundlesmith.write_source(tmp_path / "numpy-src", files), tmp_path / "dist")
 
 
 async def test_a_model_returning_numpy_writes_every_output_exactly_once(kafka_bootstrap, tmp_path):

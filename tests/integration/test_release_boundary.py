@@ -24,8 +24,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests import kafkatools, streams
+from tests import bundlesmith, kafkatools, streams
 from tests.daemonproc import DaemonProc, make_topics, write_config
+from tests.hostile.harness import PROTOCOL_OUT
 from tests.integration.test_engine import _count_committed
 from tests.integration.test_failover import FAST_FAILOVER, assert_switched_once
 
@@ -48,15 +49,7 @@ from daemon.model import Prediction
 MARKER = {marker!r}
 
 
-def protocol_out():
-    """The worker's protocol channel (main()'s proto_out): what a model is never meant to reach."""
-    f = sys._getframe()
-    while f is not None:
-        if "proto_out" in f.f_locals:
-            return f.f_locals["proto_out"]
-        f = f.f_back
-    raise RuntimeError("protocol channel not found")
-
+{protocol_out}
 
 class Model:
     def __init__(self, context):
@@ -85,30 +78,12 @@ def build(tmp: Path, version: str, *, marker: str = "", init: str = "pass", firs
           fault: str = "pass") -> Path:
     from daemon.bundle import build as build_bundle
 
-    src = tmp / f"src-{version}-{uuid.uuid4().hex[:6]}"
-    (src / "code").mkdir(parents=True)
-    (src / "schemas").mkdir()
-    (src / "code" / "model.py").write_text(MODEL.format(marker=marker, init=_block(init, 8), first=_block(first, 12),
-                                                        fault=_block(fault, 12)))
-    (src / "schemas" / "input.json").write_text(json.dumps(SCHEMA_IN))
-    (src / "schemas" / "output.json").write_text(json.dumps(SCHEMA_OUT))
-    (src / "requirements.lock").write_text("# no third-party packages\n")
-    (src / "bundle.toml").write_text(textwrap.dedent(f"""\
-        [bundle]
-        name = "boundary"
-        version = "{version}"
-        entrypoint = "model:Model"
-        python = "3.11"
-        state_schema_version = 1
-
-        [schemas]
-        input = "schemas/input.json"
-        output = "schemas/output.json"
-
-        [dependencies]
-        lock = "requirements.lock"
-        """))
-    return build_bundle(src, tmp / "dist").path
+    model = MODEL.format(marker=marker, init=_block(init, 8), first=_block(first, 12), fault=_block(fault, 12),
+                         protocol_out=PROTOCOL_OUT)
+    files = bundlesmith.source_files(name="boundary", version=version, entrypoint="model:Model", model=model,
+                                     input_schema=SCHEMA_IN, output_schema=SCHEMA_OUT)
+    return build_bundle(bundlesmith.write_source(tmp / f"src-{version}-{uuid.uuid4().hex[:6]}", files),
+                        tmp / "dist").path
 
 
 def inputs(fault: bool = True) -> list[tuple[bytes, bytes]]:

@@ -17,7 +17,6 @@ import collections
 import hashlib
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 
 from daemon.engine import headers as H
 from daemon.registry import Registry
-from tests import kafkatools, streams
+from tests import bundlesmith, kafkatools, streams
 from tests.conftest import ROOT
 from tests.daemonproc import DaemonProc, make_topics, write_config
 from tests.integration.test_engine import _count_committed
@@ -36,21 +35,6 @@ from tests.integration.test_failover import FAST_FAILOVER
 PINS = {"1.0.0": "1.26.4", "2.0.0": "2.1.3"}
 CACHE = ROOT / ".local" / "test-cache" / "numpy-proof"
 
-TOML = """\
-[bundle]
-name = "numpy-probe"
-version = "{version}"
-entrypoint = "model:Probe"
-python = "{python}"
-state_schema_version = 1
-
-[schemas]
-input = "schemas/input.json"
-output = "schemas/output.json"
-
-[dependencies]
-lock = "requirements.lock"
-"""
 MODEL = """\
 import importlib.util
 import os
@@ -79,38 +63,24 @@ INPUT = {"type": "object", "required": ["x"], "properties": {"x": {"type": "numb
 OUTPUT = {"type": "object", "required": ["y", "numpy"]}
 
 
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
 def probe_bundles(tmp: Path) -> dict[str, Path]:
     """version -> archive of numpy-probe pinning PINS[version], built --with-wheels (cached)."""
     from daemon.bundle import build
 
-    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
     out = {}
     for version, pin in PINS.items():
-        files = {"bundle.toml": TOML.format(version=version, python=python), "code/model.py": MODEL,
-                 "schemas/input.json": json.dumps(INPUT), "schemas/output.json": json.dumps(OUTPUT),
-                 "requirements.lock": f"numpy=={pin}\n"}
+        files = bundlesmith.source_files(name="numpy-probe", version=version, entrypoint="model:Probe", model=MODEL,
+                                         input_schema=INPUT, output_schema=OUTPUT, lock=f"numpy=={pin}\n")
         key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
         cached = CACHE / key
         found = sorted(cached.glob("*.fdb")) if cached.is_dir() else []
         if found:
             out[version] = found[0]
             continue
-        if not _pypi_reachable():
+        if not bundlesmith.pypi_reachable():
             pytest.skip("pypi.org is not reachable and the numpy-probe bundles are not cached: the proof "
                         "needs the numpy 1.26.4 and 2.1.3 wheels once")
-        src = tmp / f"src-{version}"
-        for rel, text in files.items():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            (src / rel).write_text(text)
-        out[version] = build(src, cached, with_wheels=True).path
+        out[version] = build(bundlesmith.write_source(tmp / f"src-{version}", files), cached, with_wheels=True).path
     return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import socket
 import subprocess
 import sys
 
@@ -11,18 +10,10 @@ import pytest
 
 from daemon.bundle import build, open_bundle
 from daemon.errors import BundleError
+from tests.bundlesmith import pypi_reachable
 from tests.unit.test_bundle import make_source
 
-
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _pypi_reachable(), reason="pypi.org is not reachable: --with-wheels needs an index")
+pytestmark = pytest.mark.skipif(not pypi_reachable(), reason="pypi.org is not reachable: --with-wheels needs an index")
 
 PIN = f"iniconfig=={importlib.metadata.version('iniconfig')}"  # small, pure Python, installed with pytest
 

@@ -283,14 +283,21 @@ def engine_on_v2_with_v1_standby():
     return FakeEngine(active=active, standby=standby)
 
 
-async def test_switch_following_another_instances_failover_is_deferred_in_cooldown_not_dropped():
-    c = controller(cooldown_ms=150)
+async def failover_deferred_in_cooldown(cooldown_ms: int):
+    """A controller that failed over a moment ago (in its cool-down) on an engine on v2 with v1 as
+    standby, after another instance's failover to v1 reached it: (controller, engine, that change)."""
+    c = controller(cooldown_ms=cooldown_ms)
     engine = engine_on_v2_with_v1_standby()
     c.attach(engine)
     c.policy.record()  # this instance failed over a moment ago
     change = {"active": "v1", "standby": "v1", "kind": "failover", "ref": "rel@v1"}
     await c.apply_change(engine, change)
     assert engine.active.digest == "v2", "switched inside the cool-down"
+    return c, engine, change
+
+
+async def test_switch_following_another_instances_failover_is_deferred_in_cooldown_not_dropped():
+    c, engine, change = await failover_deferred_in_cooldown(150)
     assert any(e["kind"] == "deferred" for e in c.events)
     for _ in range(200):  # re-queued at the end of the cool-down
         if engine.pending_change is not None:
@@ -303,12 +310,7 @@ async def test_switch_following_another_instances_failover_is_deferred_in_cooldo
 
 
 async def test_operator_promote_is_not_held_by_the_policy_and_supersedes_a_deferred_switch():
-    c = controller(cooldown_ms=100)
-    engine = engine_on_v2_with_v1_standby()
-    c.attach(engine)
-    c.policy.record()
-    await c.apply_change(engine, {"active": "v1", "standby": "v1", "kind": "failover", "ref": "rel@v1"})
-    assert engine.active.digest == "v2"
+    c, engine, _ = await failover_deferred_in_cooldown(100)
     # the operator promotes v1 to active: applied at once, not counted toward the cap
     await c.apply_change(engine, {"active": "v1", "standby": "v1", "kind": "promote", "channel": "active",
                                   "ref": "rel@v1"})
@@ -318,11 +320,7 @@ async def test_operator_promote_is_not_held_by_the_policy_and_supersedes_a_defer
 
 
 async def test_newer_change_cancels_the_requeue_of_a_deferred_one():
-    c = controller(cooldown_ms=100)
-    engine = engine_on_v2_with_v1_standby()
-    c.attach(engine)
-    c.policy.record()
-    await c.apply_change(engine, {"active": "v1", "standby": "v1", "kind": "failover", "ref": "rel@v1"})
+    c, engine, _ = await failover_deferred_in_cooldown(100)
     await c.apply_change(engine, {"active": "v2", "standby": "v1", "kind": "rollback", "ref": "rel@v2"})
     await asyncio.sleep(0.2)
     assert engine.pending_change is None and engine.active.digest == "v2"
