@@ -36,6 +36,7 @@ from daemon import clients
 from daemon.control import describe
 from daemon.engine import headers as H
 from daemon.errors import ConfigError, FailoverdError
+from daemon.progress import QUIET, Progress
 
 H_REPLAY_OF = "fd.dlq.replay-of"
 """On a replay marker: ``<partition>/<offset>`` of the dead letter it marks as replayed."""
@@ -174,7 +175,8 @@ def _unreachable(topic: str, kafka: clients.Target, exc: BaseException) -> DeadL
                                 f"configuration and that the broker is up (`failoverd kafka status`)")
 
 
-async def read(kafka: clients.Target, topic: str, selection: Selection, timeout: float = 30.0) -> list[DeadLetter]:
+async def read(kafka: clients.Target, topic: str, selection: Selection, timeout: float = 30.0,
+               progress: Progress = QUIET) -> list[DeadLetter]:
     """The committed dead letters present when called (read_committed, from the beginning), selected,
     each with its replay markers. ConfigError if the topic does not exist; DeadLetterTopicError if
     the broker is unreachable or the topic cannot be read within ``timeout`` seconds."""
@@ -198,9 +200,13 @@ async def read(kafka: clients.Target, topic: str, selection: Selection, timeout:
             letters: list[DeadLetter] = []
             replays: dict[tuple[int, int], list[dict[str, Any]]] = {}
             pending = {tp for tp in tps if ends[tp] > 0}
+            total, seen = sum(ends.values()), 0
+            progress.step(f"reading {topic}")
             while pending:
                 batch = await consumer.getmany(*pending, timeout_ms=500, max_records=5000)
                 for tp, records in batch.items():
+                    seen += len(records)
+                    progress.update(seen, total, " records read")
                     for r in records:
                         if r.offset >= ends[tp]:
                             continue
@@ -279,14 +285,15 @@ def plan(letters: Iterable[DeadLetter], *, to_topic: str | None, force: bool,
 
 
 async def replay(kafka: clients.Target, dlq_topic: str, selection: Selection, *, to_topic: str | None = None,
-                 dry_run: bool = False, force: bool = False, timeout: float = 30.0) -> ReplayReport:
+                 dry_run: bool = False, force: bool = False, timeout: float = 30.0,
+                 progress: Progress = QUIET) -> ReplayReport:
     """Send each selected dead letter's original record back (source topic and partition, or
     ``to_topic``), once: with a replay marker in the same transaction, skipping those already
     marked unless ``force``. A dry run reads and reports, and writes nothing."""
     limit, selection = selection.limit, dataclasses.replace(selection, limit=None)
     if dry_run:
-        todo, report = plan(await read(kafka, dlq_topic, selection, timeout), to_topic=to_topic, force=force,
-                            limit=limit)
+        todo, report = plan(await read(kafka, dlq_topic, selection, timeout, progress), to_topic=to_topic,
+                            force=force, limit=limit)
         report.replayed = todo
         return report
     producer = clients.transactional_producer(kafka, transactional_id(dlq_topic), linger_ms=5)
@@ -306,14 +313,16 @@ async def replay(kafka: clients.Target, dlq_topic: str, selection: Selection, *,
                                        f"transactional producer {transactional_id(dlq_topic)!r} "
                                        f"({describe(exc)}); fix: the principal needs Write and Describe "
                                        f"on that transactional id") from exc
-        todo, report = plan(await read(kafka, dlq_topic, selection, timeout), to_topic=to_topic, force=force,
-                            limit=limit)
+        todo, report = plan(await read(kafka, dlq_topic, selection, timeout, progress), to_topic=to_topic,
+                            force=force, limit=limit)
         done: list[DeadLetter] = []
+        progress.step(f"replaying {len(todo)} dead letter(s)")
         try:
             for i in range(0, len(todo), TRANSACTION_RECORDS):
                 chunk = todo[i:i + TRANSACTION_RECORDS]
                 await _within(timeout, _send_chunk(producer, dlq_topic, chunk, to_topic, force))
                 done.extend(chunk)
+                progress.update(len(done), len(todo), " replayed")
         except (KafkaError, TimeoutError) as exc:
             what = ("another `dlq replay` of this topic started and took over" if isinstance(exc, ProducerFenced)
                     else describe(exc))

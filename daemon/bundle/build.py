@@ -20,6 +20,7 @@ from daemon.bundle import archive
 from daemon.bundle import files as bfiles
 from daemon.bundle.manifest import FORMAT, TOML_NAME, canonical_json, load_spec
 from daemon.errors import BundleError
+from daemon.progress import QUIET, Progress
 
 WHEELS_DIR = "wheels"
 
@@ -35,21 +36,33 @@ class Built:
         return f"{self.manifest['bundle']['name']}@{self.manifest['bundle']['version']}"
 
 
-def _download_wheels(src: Path, spec: dict[str, Any], dest: Path, label: str) -> None:
+def _download_wheels(src: Path, spec: dict[str, Any], dest: Path, label: str, progress: Progress = QUIET) -> None:
     lock = src / spec["dependencies"]["lock"]
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
            "--no-deps", "--only-binary=:all:", "--python-version", spec["bundle"]["python"],
            "--dest", str(dest), "-r", str(lock)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    pins = sum(1 for line in lock.read_text().splitlines() if line.strip() and line.strip()[0] not in "#-")
+    progress.step(f"downloading {pins} wheel(s) of {lock.name}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    got = 0
+    assert proc.stdout is not None and proc.stderr is not None
+    for line in proc.stdout:  # pip says "Saved ..." or "File was already downloaded ..." per wheel
+        out.append(line)
+        if line.startswith(("Saved ", "File was already downloaded")):
+            got += 1
+            progress.update(got, pins, " wheels")
+    err = proc.stderr.read()
+    if proc.wait() != 0:
         raise BundleError(f"{label}: pip download of {lock} failed (exit {proc.returncode}):\n"
-                          f"{(proc.stderr or proc.stdout).strip()}\n"
+                          f"{(err or ''.join(out[-20:])).strip()}\n"
                           f"fix: check that every pin exists as a wheel for Python {spec['bundle']['python']} "
                           f"and that the package index is reachable, or build without --with-wheels")
 
 
-def build(src: Path, out: Path, *, with_wheels: bool = False) -> Built:
-    """Build the bundle in directory ``src`` into ``out/{name}-{version}-{digest12}.fdb``."""
+def build(src: Path, out: Path, *, with_wheels: bool = False, progress: Progress = QUIET) -> Built:
+    """Build the bundle in directory ``src`` into ``out/{name}-{version}-{digest12}.fdb``
+    (``progress``: what it is doing, for a terminal)."""
     src = Path(src).resolve()
     out = Path(out).resolve()
     if not src.is_dir():
@@ -73,14 +86,16 @@ def build(src: Path, out: Path, *, with_wheels: bool = False) -> Built:
                                   f"(--with-wheels fills it from the lock) or build without --with-wheels")
             wheel_dir = Path(tmp) / WHEELS_DIR
             wheel_dir.mkdir()
-            _download_wheels(src, spec, wheel_dir, label)
+            _download_wheels(src, spec, wheel_dir, label, progress)
             for w in sorted(p.name for p in wheel_dir.iterdir()):
                 roots[f"{WHEELS_DIR}/{w}"] = Path(tmp)
             spec["dependencies"]["wheels"] = WHEELS_DIR
         entries = {}
-        for rel in sorted(roots):
+        progress.step(f"hashing {len(roots)} file(s)")
+        for i, rel in enumerate(sorted(roots), 1):
             digest, size = bfiles.digest_file(roots[rel] / rel)
             entries[rel] = {"sha256": digest, "size": size}
+            progress.update(i, len(roots), " files hashed")
         manifest = {"format": FORMAT, **spec, "files": entries}
         manifest_bytes = canonical_json(manifest)
         digest = bfiles.digest_bytes(manifest_bytes)
@@ -91,5 +106,7 @@ def build(src: Path, out: Path, *, with_wheels: bool = False) -> Built:
             for rel, root in roots.items():
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(root / rel, staging / rel)
+        progress.step(f"packing {dest.name}")
         archive.pack(staging if with_wheels else src, list(roots), manifest_bytes, dest)
+    progress.done()
     return Built(dest, digest, manifest)

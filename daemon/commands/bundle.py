@@ -97,9 +97,11 @@ def run_pull(args) -> int:
 
 def run_build(args) -> int:
     from daemon.bundle.build import build
+    from daemon.progress import Progress
 
     existing_path("bundle source", args.src, "pass the directory holding bundle.toml")
-    built = build(args.src, output_dir("--out", args.out), with_wheels=args.with_wheels)
+    with Progress(f"building {args.src}") as progress:
+        built = build(args.src, output_dir("--out", args.out), with_wheels=args.with_wheels, progress=progress)
     if args.json:
         print(json.dumps({"path": str(built.path), "digest": built.digest, "name": built.manifest["bundle"]["name"],
                           "version": built.manifest["bundle"]["version"]}))

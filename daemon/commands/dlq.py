@@ -9,6 +9,7 @@ from pathlib import Path
 
 from daemon.engine.headers import DLQ_REASONS
 from daemon.errors import ConfigError
+from daemon.progress import Progress
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -96,7 +97,9 @@ def run_list(args) -> int:
 
     settings, selection = _select(args)
     topic = settings.dead_letter.topic
-    letters = asyncio.run(deadletters.read(settings.kafka.client_kwargs(), topic, selection, timeout=args.timeout))
+    with Progress("dlq list") as progress:
+        letters = asyncio.run(deadletters.read(settings.kafka.client_kwargs(), topic, selection, timeout=args.timeout,
+                                               progress=progress))
     counts: dict[tuple[str, str], int] = {}
     for d in letters:
         k = (d.reason, f"{d.source_topic}:{d.source_partition}")
@@ -134,8 +137,9 @@ def run_replay(args) -> int:
     settings, selection = _select(args)
     kafka = settings.kafka.client_kwargs()
     topic = settings.dead_letter.topic
-    report = asyncio.run(deadletters.replay(kafka, topic, selection, to_topic=args.to, dry_run=args.dry_run,
-                                            force=args.force, timeout=args.timeout))
+    with Progress("dlq replay") as progress:
+        report = asyncio.run(deadletters.replay(kafka, topic, selection, to_topic=args.to, dry_run=args.dry_run,
+                                                force=args.force, timeout=args.timeout, progress=progress))
     verb = "would replay" if args.dry_run else "replayed"
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "selected": report.selected,

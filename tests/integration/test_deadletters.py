@@ -246,3 +246,38 @@ def test_a_missing_topic_names_the_key_and_timeouts_are_one_line_errors(kafka_bo
         r = _cli("dlq", *command, "--config", str(cfg), "--timeout", "0.0001")
         assert r.returncode == 1 and "within 0.0001s; fix: allow more time (--timeout SECONDS)" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _on_a_terminal(*args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Run the CLI with stderr on a pseudo-terminal (stdout a pipe, as `| less` would have it)."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([*ROOT_CMD, *args], stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        seen = bytearray()
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's last writer exited
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        os.close(master)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, ""), seen.decode(errors="replace")
+
+
+async def test_replay_shows_progress_on_a_terminal_and_nothing_extra_in_a_pipe(kafka_bootstrap, tmp_path):
+    cfg, names, letters = await _dlq_setup(kafka_bootstrap, tmp_path, n=6)
+    piped = _cli("dlq", "replay", "--config", str(cfg), "--dry-run")
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+    done, terminal = _on_a_terminal("dlq", "replay", "--config", str(cfg))
+    assert done.returncode == 0 and "replayed 6 of 6" in done.stdout, done.stdout + terminal
+    assert "dlq replay: reading" in terminal and "records read" in terminal, terminal
+    assert "dlq replay: replaying 6 dead letter(s)" in terminal and "6/6 replayed" in terminal, terminal
+    assert "dlq replay" not in done.stdout  # progress never mixes into the result
