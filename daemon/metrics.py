@@ -126,3 +126,10 @@ def init_partition_labels(topic: str, partition: int) -> None:
 
     for reason in DLQ_REASONS:
         RECORDS_DEAD_LETTERED.labels(topic, p, reason)
+
+
+# ---- state store memory (daemon/engine/state.py) -----------------------------------------
+STATE_MEMORY_KEYS = Gauge(
+    "failoverd_state_memory_keys", "State keys a partition's store holds in memory (read cache, overlay, flush in "
+    "progress, open intervals); every store together stays within StateStore.MEMORY_KEYS plus the open intervals",
+    ["topic", "partition"], registry=REGISTRY)
