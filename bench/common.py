@@ -1,24 +1,35 @@
 """Shared pieces of the benchmark scripts (bench/*.py, bench/peers/run.py).
 
-Everything here talks only to the local broker on loopback (127.0.0.1:9092 unless
-FAILOVERD_BENCH_BOOTSTRAP says otherwise), creates uniquely named topics and deletes them
-again, and bounds every wait by a deadline.
+Everything here talks only to the local broker on loopback (127.0.0.1:9092, or the port
+FAILOVERD_KAFKA_PORT names, as `failoverd kafka up` does; FAILOVERD_BENCH_BOOTSTRAP overrides both),
+creates uniquely named topics and deletes them again, and bounds every wait by a deadline.
+
+The measurement method every throughput script shares (issue 17) is the "method" section below:
+interleaved rounds of the systems compared, each run measured over a steady window of
+``--seconds`` (default 30 s) between its first and its last commit, min/median/max over the
+rounds, outputs checked record by record (64-bit hashes, so millions of records fit in memory),
+and one markdown shape for the tables (command, versions, machine).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import inspect
+import math
 import os
 import platform
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
 import uuid
+from array import array
 from pathlib import Path
 
 import orjson
@@ -27,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 OUT = BENCH / "out"  # git-ignored: logs, configs, state dirs, profiles
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-BOOTSTRAP = os.environ.get("FAILOVERD_BENCH_BOOTSTRAP", "127.0.0.1:9092")
+KAFKA_PORT = int(os.environ.get("FAILOVERD_KAFKA_PORT") or 9092)
+BOOTSTRAP = os.environ.get("FAILOVERD_BENCH_BOOTSTRAP") or f"127.0.0.1:{KAFKA_PORT}"
 PY = sys.executable
 
 if str(ROOT) not in sys.path:
@@ -68,6 +80,14 @@ def transaction(rng: random.Random, card: int, seq: int) -> tuple[bytes, bytes]:
 def transactions(n: int, *, n_cards: int, seed: int = 7, start_seq: int = 0) -> list[tuple[bytes, bytes]]:
     rng = random.Random(seed)
     return [transaction(rng, rng.randrange(n_cards), start_seq + i) for i in range(n)]
+
+
+def transactions_iter(n: int, *, n_cards: int, seed: int = 7, chunk: int = 50_000):
+    """The records of ``transactions(n, ...)``, the same ones in the same order, in lists of ``chunk``:
+    a 30 s window at 100k records/s is millions of records, too many to hold at once."""
+    rng = random.Random(seed)
+    for start in range(0, n, chunk):
+        yield [transaction(rng, rng.randrange(n_cards), i) for i in range(start, min(n, start + chunk))]
 
 
 def transactions_cycling(n: int, *, n_cards: int, seed: int = 7, start_seq: int = 0) -> list[tuple[bytes, bytes]]:
@@ -118,6 +138,22 @@ async def delete_prefixed(prefix: str) -> None:
         await admin.close()
     for i in range(0, len(names), 50):
         await delete_topics(names[i:i + 50])
+
+
+def produce_stream(topic: str, n: int, *, n_cards: int, seed: int, encode=None, on_chunk=None) -> dict:
+    """Produce ``transactions_iter(n, ...)`` chunk by chunk (``encode(records)`` may re-encode a chunk,
+    ``on_chunk(records)`` sees every chunk as produced: a reference computed on the fly). Returns
+    {"seconds": producing, "bytes_per_record": average value size}."""
+    secs = 0.0
+    size = 0
+    for chunk in transactions_iter(n, n_cards=n_cards, seed=seed):
+        if encode is not None:
+            chunk = encode(chunk)
+        if on_chunk is not None:
+            on_chunk(chunk)
+        size += sum(len(v) for _, v in chunk)
+        secs += produce(topic, chunk)
+    return {"seconds": secs, "bytes_per_record": size / max(1, n)}
 
 
 def produce(topic: str, records: list[tuple[bytes, bytes]], partition_of=None) -> float:
@@ -234,7 +270,70 @@ async def read_all(topic: str, *, isolation: str = "read_committed", expect: int
         await c.stop()
 
 
-class GroupWatcher:
+class _Counter:
+    """Something counted by polling (``count``): GroupWatcher (a group's committed input offsets) or
+    OutputWatcher (the records an output topic holds for a read_committed reader)."""
+
+    async def count(self) -> int:
+        raise NotImplementedError
+
+    async def wait(self, total: int, *, timeout: float, interval: float = 0.05, alive=None,
+                   window: float | None = None) -> dict:
+        """Wait until the count reaches ``total`` -- or, with ``window``, until ``window`` seconds have
+        passed since the count was first above 0, whichever comes first; returns times (monotonic) and
+        counts ("committed" = the count at the end)."""
+        t_first = c_first = None
+        deadline = time.monotonic() + timeout
+        last = 0
+        while True:
+            c = await self.count()
+            now = time.monotonic()
+            if c > 0 and t_first is None:
+                t_first, c_first = now, c
+                if window is not None:  # the window needs the time it needs, whatever the caller guessed
+                    deadline = max(deadline, now + window + 60)
+            last = c
+            if c >= total or (window is not None and t_first is not None and now - t_first >= window):
+                return {"t_first": t_first, "c_first": c_first, "t_end": now, "committed": c}
+            if now > deadline:
+                raise TimeoutError(f"{self}: {c} of {total} after {timeout:.0f}s")
+            if alive is not None and not alive():
+                raise RuntimeError(f"{self}: process under test exited at {last} of {total}")
+            await asyncio.sleep(interval)
+
+
+class OutputWatcher(_Counter):
+    """Polls an output topic's last stable offsets (ListOffsets, read_committed: no records are read):
+    the outputs a downstream read_committed reader can see -- for a transactional producer also one
+    marker per partition per transaction (with 100 ms commits, 40/s on 4 partitions: < 0.2 % of the
+    rates measured here). Counts what a system delivered, whatever its offset-commit cadence: faust's
+    commits lag far behind its outputs on a backlog (bench/issue17_notes.md)."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.consumer = None
+        self.tps: list = []
+
+    def __str__(self) -> str:
+        return f"output topic {self.topic}"
+
+    async def __aenter__(self) -> "OutputWatcher":
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        self.tps = [TopicPartition(self.topic, p) for p in range(await partition_count(self.topic))]
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, group_id=None, enable_auto_commit=False,
+                                         isolation_level="read_committed")
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.consumer.stop()
+
+    async def count(self) -> int:
+        return sum((await self.consumer.end_offsets(self.tps)).values())
+
+
+class GroupWatcher(_Counter):
     """Polls the committed offsets of a consumer group (admin API, cheap: no records are read).
 
     A system commits input offsets only after (transactional: together with) the outputs of those
@@ -262,24 +361,11 @@ class GroupWatcher:
             return 0
         return sum(max(0, o.offset) for tp, o in offs.items() if tp.topic == self.topic)
 
-    async def wait(self, total: int, *, timeout: float, interval: float = 0.05, alive=None) -> dict:
-        """Wait until ``total`` input records are committed; returns times (monotonic) and counts."""
-        t_first = c_first = None
-        deadline = time.monotonic() + timeout
-        last = 0
-        while True:
-            c = await self.committed()
-            now = time.monotonic()
-            if c > 0 and t_first is None:
-                t_first, c_first = now, c
-            last = c
-            if c >= total:
-                return {"t_first": t_first, "c_first": c_first, "t_end": now, "committed": c}
-            if now > deadline:
-                raise TimeoutError(f"group {self.group}: {c} of {total} inputs committed after {timeout:.0f}s")
-            if alive is not None and not alive():
-                raise RuntimeError(f"group {self.group}: process under test exited with {last} of {total} committed")
-            await asyncio.sleep(interval)
+    def __str__(self) -> str:
+        return f"group {self.group}"
+
+    async def count(self) -> int:
+        return await self.committed()
 
 
 def steady_rate(t: dict, n: int, t_spawn: float) -> tuple[float, bool]:
@@ -582,12 +668,14 @@ def publish_section(name: str, body: list[str], notes: Path, write: bool, also: 
 
 
 async def wait_for_inputs(proc: "Proc", group: str, topic: str, n: int, *, timeout: float, name: str,
-                          tail: int = 3000) -> tuple[dict, float]:
-    """Wait until ``group`` committed ``n`` inputs of ``topic`` (see GroupWatcher); returns the
-    times and the CPU seconds of the process tree. On failure, print the end of its log."""
+                          tail: int = 3000, window: float | None = None, output: str | None = None) -> tuple[dict, float]:
+    """Wait until ``group`` committed ``n`` inputs of ``topic`` (or, with ``window``, until that many
+    seconds after its first commit; see GroupWatcher) -- with ``output``, counting that output topic's
+    records instead (OutputWatcher); returns the times and the CPU seconds of the process tree. On
+    failure, print the end of its log."""
     try:
-        async with GroupWatcher(group, topic) as w:
-            t = await w.wait(n, timeout=timeout, alive=proc.alive)
+        async with (OutputWatcher(output) if output else GroupWatcher(group, topic)) as w:
+            t = await w.wait(n, timeout=timeout, alive=proc.alive, window=window)
         return t, tree_cpu(proc.pid)
     except BaseException:
         print(f"  {name}: failed; log tail:\n{proc.log()[-tail:]}", file=sys.stderr)
@@ -608,3 +696,385 @@ def command_line() -> str:
     args = " ".join(sys.argv[1:])
     script = os.path.relpath(sys.argv[0], ROOT)
     return f".venv/bin/python {script}{(' ' + args) if args else ''}"
+
+
+
+# ---- method (issue 17): steady windows, interleaved rounds, record-by-record checks ----------
+
+WINDOW_S = 30.0
+QUICK_WINDOW_S = 5.0
+HEADROOM = 1.2  # the input holds seconds x rate ceiling x this: the fastest system's window still fits
+
+
+def add_method_args(ap, *, rate_ceiling: float, quick_records: int | None = None, rounds: int = 3,
+                    input_args: bool = False) -> None:
+    """The options every throughput script shares: --quick, --seconds, --records, --rate-ceiling, --rounds;
+    with ``input_args`` also --no-doc, --partitions and --cards (defaults 4 and 10,000).
+    ``quick_records``: the input of a --quick run (default: sized for its window like any other)."""
+    quick_input = f"{quick_records:,} records, " if quick_records else ""
+    ap.add_argument("--quick", action="store_true",
+                    help=f"for review: {quick_input}{QUICK_WINDOW_S:g} s windows, 1 round (a few minutes); not a "
+                         "measurement")
+    ap.add_argument("--seconds", type=float, default=0.0,
+                    help=f"steady window per run, from the first commit (default {WINDOW_S:g}; --quick {QUICK_WINDOW_S:g})")
+    ap.add_argument("--records", type=int, default=0,
+                    help=f"input records (default: seconds x --rate-ceiling x {HEADROOM:g}, so the fastest system's "
+                         "window fits); a run stops at its window or at the end of the input, whichever comes first")
+    ap.add_argument("--rate-ceiling", type=float, default=rate_ceiling,
+                    help=f"records/s no system is expected to exceed (default {rate_ceiling:,.0f}): sizes the input; "
+                         "a run whose input runs out before its window is flagged")
+    ap.add_argument("--rounds", type=int, default=0, help=f"interleaved rounds (default {rounds}, --quick 1)")
+    if input_args:
+        ap.add_argument("--no-doc", action="store_true", help="print only; do not rewrite docs/BENCHMARKS.md")
+        ap.add_argument("--partitions", type=int, default=4, help="input partitions")
+        ap.add_argument("--cards", type=int, default=10_000, help="distinct keys (cards) of the input")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a script measures: input size, window per run, interleaved rounds."""
+
+    records: int
+    seconds: float
+    rounds: int
+    quick: bool = False
+    basis: str = "commits"
+    """What the window counts: "commits" (the group's committed input offsets) or "outputs" (the
+    output topic's records, read_committed: for systems whose offset commits lag their outputs)."""
+
+    def timeout(self, startup: float = 180.0) -> float:
+        """Bound on one run's wait: start-up (model load, group join, environment build) + the window
+        (GroupWatcher.wait extends its deadline by the window once the first commit is seen)."""
+        return startup + self.seconds
+
+    def describe(self) -> str:
+        return (f"{self.rounds} interleaved round{'s' if self.rounds != 1 else ''}, steady window {self.seconds:g} s "
+                f"per run, input {self.records:,} records" + (" (--quick: not a measurement)" if self.quick else ""))
+
+
+def make_plan(args, *, quick_records: int | None = None, rounds: int = 3) -> Plan:
+    """--records, or (--quick with ``quick_records``: that) --seconds x --rate-ceiling x HEADROOM records."""
+    quick = bool(getattr(args, "quick", False))
+    seconds = args.seconds or (QUICK_WINDOW_S if quick else WINDOW_S)
+    records = args.records or (quick_records if quick and quick_records else
+                               math.ceil(seconds * args.rate_ceiling * HEADROOM))
+    return Plan(records=records, seconds=seconds, rounds=args.rounds or (1 if quick else rounds), quick=quick)
+
+
+def window_result(t: dict, proc: "Proc", cpu: float, total: int) -> dict:
+    """One run's figures from GroupWatcher.wait's times: the steady rate over the window (records
+    committed after the first commit ÷ time from the first commit to the end of the window), the
+    window's length and records, whether the input ran out first, start-up and from-start rate."""
+    c_end, span = t["committed"], t["t_end"] - t["t_first"]
+    if span >= 0.3 and t["c_first"] < c_end / 2:
+        rate, ok = (c_end - t["c_first"]) / span, True
+    else:  # too short for a window to mean anything: from spawn, said so
+        rate, ok = c_end / (t["t_end"] - proc.t_spawn), False
+    return {"rate": rate, "steady_ok": ok, "window_s": span, "window_records": c_end - t["c_first"],
+            "committed": c_end, "exhausted": c_end >= total, "startup_s": t["t_first"] - proc.t_spawn,
+            "e2e": c_end / (t["t_end"] - proc.t_spawn), "cpu_per_100k": cpu / max(1, c_end) * 100_000}
+
+
+async def measure(proc: "Proc", group: str, topic: str, plan: Plan, *, name: str, output: str | None = None) -> dict:
+    """Wait for ``proc``'s steady window (see window_result) and return its figures; the caller stops it.
+    ``plan.basis`` "outputs" counts the ``output`` topic's records instead of the group's commits."""
+    if plan.basis == "outputs" and not output:
+        raise ValueError(f"{name}: plan.basis is 'outputs' but no output topic was given to measure")
+    t, cpu = await wait_for_inputs(proc, group, topic, plan.records, timeout=plan.timeout(), name=name,
+                                   window=plan.seconds, output=output if plan.basis == "outputs" else None)
+    return window_result(t, proc, cpu, plan.records)
+
+
+async def committed_now(group: str, topic: str) -> int:
+    """The group's committed input offsets, summed (after a process stopped: what it finished)."""
+    async with GroupWatcher(group, topic) as w:
+        return await w.committed()
+
+
+async def scan(topic: str, on_batch, *, isolation: str = "read_committed", timeout: float = 600.0) -> int:
+    """Every record of ``topic`` from the start to its end offsets as of now, fed partition by partition
+    in offset order to ``on_batch(partition, records)`` (aiokafka ConsumerRecords); returns the count.
+    Streams, so millions of records need no more memory than what ``on_batch`` keeps."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, group_id=None, enable_auto_commit=False,
+                         isolation_level=isolation, auto_offset_reset="earliest",
+                         max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
+    await c.start()
+    n = 0
+    try:
+        tps = [TopicPartition(topic, p) for p in range(await partition_count(topic))]
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        end = await c.end_offsets(tps)
+        deadline = time.monotonic() + timeout
+        left = [tp for tp in tps if end[tp] > 0]
+        while left:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic}: {n} records after {timeout:.0f}s, partitions "
+                                   f"{[tp.partition for tp in left]} not at their end offsets")
+            batch = await c.getmany(*left, timeout_ms=200, max_records=50_000)
+            for tp, recs in batch.items():
+                on_batch(tp.partition, recs)
+                n += len(recs)
+            left = [tp for tp in left if await c.position(tp) < end[tp]]
+        return n
+    finally:
+        await c.stop()
+
+
+class Seqs:
+    """An output topic as sequences, per group (output partition, or record key), of 64-bit hashes of
+    the values -- with, optionally, one float per record compared within a tolerance (a model's
+    score). Python's ``hash`` is salted per process, so only compare Seqs made in one process."""
+
+    def __init__(self) -> None:
+        self.h: dict = {}
+        self.f: dict = {}
+        self.n = 0
+
+    def add(self, group, h: int, f: float | None = None) -> None:
+        a = self.h.get(group)
+        if a is None:
+            a = self.h[group] = array("q")
+        a.append(h)
+        if f is not None:
+            b = self.f.get(group)
+            if b is None:
+                b = self.f[group] = array("d")
+            b.append(f)
+        self.n += 1
+
+
+def raw_hash(_partition: int, _key, value: bytes) -> tuple:
+    """Group by output partition, hash the value's bytes (outputs compared byte for byte)."""
+    return _partition, hash(value), None
+
+
+async def collect(topic: str, hasher=raw_hash, *, timeout: float = 600.0) -> Seqs:
+    """The output topic (read_committed) as Seqs; ``hasher(partition, key, value) -> (group, hash, float|None)``."""
+    seqs = Seqs()
+
+    def on_batch(partition: int, recs) -> None:
+        for r in recs:
+            g, h, f = hasher(partition, r.key, r.value)
+            seqs.add(g, h, f)
+
+    await scan(topic, on_batch, timeout=timeout)
+    return seqs
+
+
+def compare_seqs(a: Seqs, b: Seqs, *, tol: float = 0.0, reference: bool = False) -> dict:
+    """Per group, the shorter sequence must be the start of the longer (two runs stopped at different
+    points of one input); with ``reference`` (``b`` holds every expected output), ``a`` must be a start
+    of ``b``. A duplicate, a missing or a reordered output misaligns the rest of its group and fails.
+    Returns {"compared", "exact", "near" (equal but for the float within ``tol``), "problem": "" or the
+    first difference}."""
+    compared = exact = near = 0
+    problem = ""
+    for g in sorted(set(a.h) | set(b.h), key=repr):
+        xa, xb = a.h.get(g, array("q")), b.h.get(g, array("q"))
+        if reference and len(xa) > len(xb):
+            problem = problem or f"{g!r}: {len(xa)} outputs, only {len(xb)} inputs"
+        m = min(len(xa), len(xb))
+        fa, fb = a.f.get(g), b.f.get(g)
+        if xa[:m] == xb[:m] and (fa is None or fb is None or fa[:m] == fb[:m]):
+            compared += m
+            exact += m
+            continue
+        for i in range(m):
+            compared += 1
+            if xa[i] != xb[i]:
+                problem = problem or f"{g!r} #{i}: values differ"
+                continue
+            if fa is None or fb is None or fa[i] == fb[i]:
+                exact += 1
+            elif abs(fa[i] - fb[i]) <= tol + 1e-12:
+                near += 1
+            else:
+                problem = problem or f"{g!r} #{i}: {fa[i]!r} vs {fb[i]!r} (tolerance {tol:g})"
+    return {"compared": compared, "exact": exact, "near": near, "problem": problem}
+
+
+def check_line(name: str, ref: str, c: dict, tol: float = 0.0) -> str:
+    return (f"{name} = {ref} on {c['compared']:,} outputs" +
+            (f" ({c['near']:,} equal but for the score within ±{tol:g})" if c["near"] else ""))
+
+
+async def interleaved(keys: list[str], plan: Plan, run, *, after_round=None, describe=None) -> dict:
+    """Run ``await run(key, round_index)`` for every key, ``plan.rounds`` times over (A B C, A B C, ...),
+    print a line per run, and after every round ``after_round(round_index, {key: result})`` (may be a
+    coroutine; a string it returns is printed as a check). Returns {key: [result of each round]}."""
+    results: dict[str, list[dict]] = {k: [] for k in keys}
+    width = max(len(k) for k in keys)
+    for r in range(plan.rounds):
+        for k in keys:
+            res = await run(k, r)
+            results[k].append(res)
+            print(f"round {r + 1}/{plan.rounds} {k:{width}s} {run_line(res, plan)}"
+                  + (f"  {describe(res)}" if describe else ""), flush=True)
+        if after_round is not None:
+            msg = after_round(r, {k: results[k][-1] for k in keys})
+            if inspect.isawaitable(msg):
+                msg = await msg
+            if msg:
+                print(f"  check: {msg}", flush=True)
+    return results
+
+
+def run_line(res: dict, plan: Plan) -> str:
+    short = " INPUT RAN OUT before the window" if res.get("exhausted") and res["window_s"] < 0.95 * plan.seconds else ""
+    return (f"steady {res['rate']:9,.0f} rec/s over {res['window_s']:5.1f} s ({res['window_records']:,} records)"
+            f"  startup {res['startup_s']:.1f}s  CPU {res['cpu_per_100k']:.1f}s/100k{short}"
+            + ("" if res.get("steady_ok", True) else " (too short for a window: from spawn)"))
+
+
+def ratio_stats(results: dict, a: str, b: str, field: str = "rate") -> dict:
+    """Stats of a/b per round (the two ran in the same round: closest in time)."""
+    return stats([x[field] / y[field] for x, y in zip(results[a], results[b]) if y[field]])
+
+
+def ratio_text(st: dict) -> str:
+    return "—" if not st["n"] else f"{st['median']:.2f} ({st['min']:.2f}–{st['max']:.2f})"
+
+
+def rate_table(results: dict, keys: list[str], label=str, *, ref: str | None = None, ref_name: str = "",
+               ref_over_this: bool = False, extra: tuple = ()) -> str:
+    """The shared throughput table: system, steady rec/s median/min/max over the rounds, the shortest
+    window and the median records in it, the per-round ratio to ``ref`` (or ref ÷ this), then
+    ``extra`` columns: (header, function of (system, its list of results) -> str)."""
+    headers = ["system", "steady rec/s median", "min", "max", "window s (shortest)", "records in window (median)"]
+    if ref:
+        name = ref_name or ref
+        headers.append(f"{name} ÷ this: median of per-round (min–max)" if ref_over_this
+                       else f"ratio to {name}: median of per-round (min–max)")
+    headers += [h for h, _ in extra]
+    rows = []
+    for k in keys:
+        rs = results.get(k) or []
+        if not rs:
+            continue
+        s = stats([r["rate"] for r in rs])
+        row = [label(k), fmt_rate(s["median"]), fmt_rate(s["min"]), fmt_rate(s["max"]),
+               f"{min(r['window_s'] for r in rs):.1f}" + ("*" if any(not r.get("steady_ok", True) for r in rs) else ""),
+               f"{statistics.median(r['window_records'] for r in rs):,.0f}"]
+        if ref:
+            if k == ref:
+                row.append("1 (reference)")
+            elif ref in results:
+                row.append(ratio_text(ratio_stats(results, ref, k) if ref_over_this else ratio_stats(results, k, ref)))
+            else:
+                row.append("—")
+        row += [fn(k, rs) for _, fn in extra]
+        rows.append(row)
+    return md_table(headers, rows)
+
+
+def median_of(field: str, fmt: str = "{:.1f}"):
+    """An ``extra`` column for rate_table: the median of a per-run field."""
+    return lambda _k, rs: fmt.format(statistics.median(r[field] for r in rs))
+
+
+def per_round_table(results: dict, keys: list[str]) -> str:
+    """Steady rec/s (and window) of every run, a row per interleaved round."""
+    rounds = max((len(results.get(k, [])) for k in keys), default=0)
+    lines = ["| round | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for i in range(rounds):
+        cells = []
+        for k in keys:
+            rs = results.get(k, [])
+            cells.append(f"{fmt_rate(rs[i]['rate'])} ({rs[i]['window_s']:.0f} s)" if i < len(rs) else "—")
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_round_md(results: dict, keys: list[str]) -> str:
+    """per_round_table under its caption, as every section shows it."""
+    return ("Steady rec/s (and window) of every run, in run order (each row one interleaved round):\n\n"
+            + per_round_table(results, keys) + "\n")
+
+
+def short_windows(results: dict, plan: Plan) -> list[str]:
+    """Systems whose window was shorter than asked in some run (the input ran out): a warning line each."""
+    out = []
+    for k, rs in results.items():
+        short = [r for r in rs if r["window_s"] < 0.95 * plan.seconds]
+        if short:
+            out.append(f"{k}: {len(short)} of {len(rs)} runs had a window under {plan.seconds:g} s (shortest "
+                       f"{min(r['window_s'] for r in short):.1f} s): the input ran out first; raise --records or "
+                       "--rate-ceiling")
+    return out
+
+
+def method_md(plan: Plan) -> str:
+    """The method bullet every section states (docs/BENCHMARKS.md, issue 17)."""
+    if plan.basis == "outputs":
+        counted = ("from the first record in the output topic (its last stable offsets, polled every 50 ms: what a "
+                   "read_committed reader sees, whatever each system's offset-commit cadence) to the first poll at "
+                   "least that long after; records/s = outputs delivered in the window ÷ its length")
+    else:
+        counted = ("from the group's first commit of input offsets (polled every 50 ms through the admin API; outputs "
+                   "are committed with, or before, the offsets) to the first poll at least that long after; records/s "
+                   "= inputs committed in the window ÷ its length")
+    text = (f"- method (issue 17): {plan.rounds} interleaved round{'s' if plan.rounds != 1 else ''} (every system once "
+            f"per round, in the same order); every run is measured over a **steady window of {plan.seconds:g} s**: "
+            f"{counted}. Start-up (process start, model load, group join) is outside the "
+            f"window. The input ({plan.records:,} records) is sized for the fastest system; a run stops at its "
+            "window or at the end of the input, and the *window* column shows the shortest window of any run. "
+            "median/min/max are over the rounds; a ratio is computed per round (the two systems ran minutes apart "
+            "at most) and given as the median (min–max) of the rounds.")
+    if plan.quick:
+        text += " **This was a --quick run: windows too short to be a measurement, for review only.**"
+    return text
+
+
+def section_head(title: str, env: dict, took_min: float | None = None) -> list[str]:
+    """Title, the command that produced the section, versions and machine."""
+    took = f" (took {took_min:.1f} min)" if took_min is not None else ""
+    return [title, f"Command: `{command_line()}`{took}\n", env_block(env)]
+
+
+async def start_system(key: str, input_topic: str, partitions: int, run_dir: Path, *, plain: list[str] | None = None,
+                       bundle: Path | None = None, daemon_extra: dict | None = None, py: str = PY,
+                       env: dict | None = None, cwd: Path = ROOT) -> tuple["Proc", dict, str]:
+    """Start one system under test on ``input_topic`` with a fresh group and fresh output topics:
+    ``plain`` = bench/plain_loop.py with these arguments (run by ``py``), else the failoverd daemon on
+    ``bundle`` (exactly-once, 100 ms checkpoints, subprocess worker, updated by ``daemon_extra``).
+    Returns (process, its topics by role, its group)."""
+    tag = unique(key)
+    group = f"{tag}-g"
+    run_dir = run_dir / tag
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if plain is not None:
+        names = {"output": f"{tag}-output"}
+        await create_topics({names["output"]: partitions})
+        argv = [py, str(BENCH / "plain_loop.py"), "--bootstrap", BOOTSTRAP, "--input", input_topic,
+                "--output", names["output"], "--group", group, *plain]
+    else:
+        names = daemon_topics(key, partitions)
+        await create_daemon_topics(names, partitions)
+        extra: dict = {"checkpoint": {"interval_ms": 100, "exactly_once": True}, "worker": {"mode": "subprocess"}}
+        for section, values in (daemon_extra or {}).items():
+            extra.setdefault(section, {}).update(values)
+        cfg = write_config(run_dir / "failoverd.toml", input_topic=input_topic, names=names,
+                           state_dir=run_dir / "state", group=group, app=f"{tag}-app", extra=extra)
+        argv = daemon_argv(cfg, bundle)
+    return Proc(argv, run_dir / "process.log", env=env, cwd=cwd), names, group
+
+
+async def finish_run(proc: "Proc", names: dict, group: str, input_topic: str, *, exactly_once: bool, name: str,
+                     hasher=raw_hash, collector=None):
+    """After ``proc`` stopped: its output topic as Seqs (``collector(topic)`` instead, for another shape:
+    anything with ``.n``), checked -- exactly one output per committed input (``exactly_once``; else at
+    least one), no dead letters -- then its topics and state directory deleted."""
+    try:
+        committed = await committed_now(group, input_topic)
+        out = await (collector(names["output"]) if collector else collect(names["output"], hasher))
+        dead = len(await read_all(names["dlq"], values=False)) if "dlq" in names else 0
+    finally:
+        await delete_topics(list(names.values()))
+        shutil.rmtree(proc.log_path.parent / "state", ignore_errors=True)
+    if (out.n != committed if exactly_once else out.n < committed) or dead:
+        raise AssertionError(f"{name}: {out.n:,} committed outputs and {dead} dead letters for {committed:,} committed "
+                             f"inputs (log {proc.log_path})")
+    return out

@@ -1,7 +1,7 @@
 """Avro vs JSON, and the output compression codecs, through the failoverd daemon (issue 15).
 
-    .venv/bin/python bench/formats.py                  # 150k records, 3 interleaved rounds (~3-5 min)
-    .venv/bin/python bench/formats.py --records 5000 --rounds 1 --no-doc   # a smoke run
+    .venv/bin/python bench/formats.py                  # 30 s windows, 8 systems x 3 interleaved rounds (~35 min)
+    .venv/bin/python bench/formats.py --quick --no-doc # 5 s windows, 1 round (~3 min): review only
 
 One workload, two encodings: the same card transactions (card_id, merchant_id, amount, 8 features
 -- the fields of fraud-avro's schemas/input.avsc) produced once as JSON (orjson) into one topic and
@@ -16,15 +16,15 @@ interleaved, every round all of them:
 
 with ``[output] compression`` = none, zstd (the default), lz4, gzip.
 
-Measured per run: steady records/s (first to last commit of the input offsets), and the **bytes
-the output topic takes on the broker**: the sizes of its partitions' log segment files in the
+Measured per run (bench/common.py's method, issue 17): steady records/s over a window of --seconds
+(30 s) from the first commit of input offsets, and the **bytes the output topic takes on the broker**: the sizes of its partitions' log segment files in the
 broker's data directory (.local/kafka/data/<topic>-<p>/*.log) after the run -- record batches as
 the producer compressed them (topic compression.type = producer, the broker default) plus the
 transaction markers. Also the sum of the uncompressed values (bytes/record).
 
-Checks: every run's output topic holds exactly N committed records and no dead letters; after every
-round, all runs hold the same outputs per partition in offset order: the JSON ones byte for byte
-across codecs, the Avro ones decoded with the writer schema from the registry, and JSON against
+Checks: every run's output topic holds one committed record per committed input and no dead
+letters; after every round, all runs hold the same outputs per partition in offset order, record by
+record over the part each two produced: the JSON ones byte for byte across codecs, the Avro ones decoded with the writer schema from the registry, and JSON against
 Avro field by field (card_id, score, risk_band, count, mean_amount; model_version differs by name).
 """
 
@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import io
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,11 +49,14 @@ FORMATS = ("json", "avro")
 BUNDLES = {"json": "fraud-v1", "avro": "fraud-avro"}
 FIELDS = ("card_id", "score", "risk_band", "count", "mean_amount")
 WORK = C.OUT / "formats"
+RATE_CEILING = 120_000  # rec/s no format/codec reaches through the daemon: sizes the input
 
 
 def broker_bytes(topic: str) -> int:
-    """Bytes of the topic's log segments on the local broker's disk."""
-    data = C.ROOT / ".local" / "kafka" / "data"
+    """Bytes of the topic's log segments on the local broker's disk (the broker of FAILOVERD_KAFKA_PORT)."""
+    from daemon.kafka_local import LocalBroker
+
+    data = LocalBroker(C.ROOT, C.KAFKA_PORT).data
     return sum(f.stat().st_size for d in data.glob(f"{topic}-*") if d.is_dir() for f in d.glob("*.log"))
 
 
@@ -64,44 +66,55 @@ def registry_url() -> str:
     return LocalSchemaRegistry(C.ROOT, default_port()).url
 
 
-async def run_one(fmt: str, codec: str, *, inputs: dict, n: int, partitions: int, bundles: dict, url: str,
-                  timeout: float) -> dict:
-    tag = C.unique(f"{fmt}-{codec}")
-    group, app = f"{tag}-g", f"{tag}-app"
-    run_dir = WORK / "runs" / tag
-    names = C.daemon_topics(f"{fmt}-{codec}", partitions)
-    await C.create_daemon_topics(names, partitions)
-    extra: dict = {"checkpoint": {"interval_ms": 100, "exactly_once": True}, "worker": {"mode": "subprocess"},
-                   "output": {"compression": codec}}
+class Outputs:
+    """One run's output twice over: byte for byte (JSON across codecs) and field by field (JSON against
+    Avro), per partition in offset order; and the value bytes."""
+
+    def __init__(self, fmt: str, decode_avro: "AvroDecoder") -> None:
+        self.fmt, self.decode = fmt, decode_avro
+        self.raw, self.fields = C.Seqs(), C.Seqs()
+        self.bytes = 0
+
+    @property
+    def n(self) -> int:
+        return self.raw.n
+
+    def on_batch(self, partition: int, recs) -> None:
+        for r in recs:
+            self.bytes += len(r.value)
+            self.raw.add(partition, hash(r.value))
+            d = self.decode(r.value) if self.fmt == "avro" else orjson.loads(r.value)
+            self.fields.add(partition, hash(tuple(d[f] for f in FIELDS)))
+
+    async def read(self, topic: str) -> "Outputs":
+        await C.scan(topic, self.on_batch)
+        return self
+
+
+async def run_one(fmt: str, codec: str, *, inputs: dict, plan: C.Plan, partitions: int, bundles: dict, url: str,
+                  decode_avro: "AvroDecoder") -> dict:
+    extra: dict = {"output": {"compression": codec}}
     if fmt == "avro":
         extra["inputs"] = {"format": "avro"}
         extra["output"]["format"] = "avro"
         extra["schema_registry"] = {"url": url}
-    cfg = C.write_config(run_dir / "failoverd.toml", input_topic=inputs[fmt], names=names,
-                         state_dir=run_dir / "state", group=group, app=app, extra=extra)
-    proc = C.Proc(C.daemon_argv(cfg, bundles[fmt]), run_dir / "process.log")
+    proc, names, group = await C.start_system(f"{fmt}-{codec}", inputs[fmt], partitions, WORK / "runs",
+                                              bundle=bundles[fmt], daemon_extra=extra)
     try:
-        t, cpu = await C.wait_for_inputs(proc, group, inputs[fmt], n, timeout=timeout, name=f"{fmt}-{codec}")
+        res = await C.measure(proc, group, inputs[fmt], plan, name=f"{fmt}-{codec}")
     finally:
         proc.stop()
-    try:
-        outputs = await C.read_all(names["output"], values=True, expect=n, timeout=60)
-        dead = len(await C.read_all(names["dlq"], values=False))
-        on_disk = broker_bytes(names["output"])
-    finally:
-        await C.delete_topics(list(names.values()))
-        shutil.rmtree(run_dir / "state", ignore_errors=True)
-    if len(outputs) != n or dead:
-        raise AssertionError(f"{fmt}-{codec}: {len(outputs)} committed outputs and {dead} dead letters for {n} inputs "
-                             f"(log {proc.log_path})")
-    by_part: dict[int, list] = {}
-    for part, _off, _k, value, _h, _ts in sorted(outputs, key=lambda r: (r[0], r[1])):
-        by_part.setdefault(part, []).append(value)
-    steady, ok = C.steady_rate(t, n, proc.t_spawn)
-    return {"steady": steady, "steady_ok": ok, "e2e": n / (t["t_end"] - proc.t_spawn),
-            "cpu_per_100k": cpu / n * 100_000, "disk_bytes": on_disk,
-            "value_bytes": sum(len(v) for vs in by_part.values() for v in vs), "log": str(proc.log_path),
-            "parts": by_part}
+    disk: list[int] = []
+
+    async def read(topic: str) -> Outputs:
+        disk.append(broker_bytes(topic))  # before finish_run deletes the topic
+        return await Outputs(fmt, decode_avro).read(topic)
+
+    out = await C.finish_run(proc, names, group, inputs[fmt], exactly_once=True, name=f"{fmt}-{codec}",
+                             collector=read)
+    res.update(disk_bytes_per_record=disk[0] / max(1, out.n), value_bytes_per_record=out.bytes / max(1, out.n),
+               log=str(proc.log_path), raw=out.raw, fields=out.fields)
+    return res
 
 
 class AvroDecoder:
@@ -121,25 +134,22 @@ class AvroDecoder:
         return fastavro.schemaless_reader(io.BytesIO(bytes(body)), self.writers[sid])
 
 
-def check_round(runs: dict, decode_avro: AvroDecoder, n: int) -> str:
-    """All runs of a round hold the same outputs (see the module doc); returns a one-line summary."""
-    ref_key = next(k for k in runs if k.startswith("json-"))
-    ref = runs[ref_key]["parts"]
-    ref_fields = {p: [tuple(orjson.loads(v)[f] for f in FIELDS) for v in vs] for p, vs in ref.items()}
-    for key, res in runs.items():
-        parts = res["parts"]
-        if key.startswith("json-"):
-            if parts != ref:
-                raise AssertionError(f"{key} and {ref_key}: JSON outputs differ")
-            continue
-        for p, vs in parts.items():
-            got = [tuple(decode_avro(v)[f] for f in FIELDS) for v in vs]
-            if got != ref_fields.get(p):
-                bad = next((i for i, (a, b) in enumerate(zip(got, ref_fields.get(p, []))) if a != b), None)
-                raise AssertionError(f"{key} and {ref_key}: partition {p} differs (first at #{bad}: "
-                                     f"{got[bad] if bad is not None else len(got)} vs "
-                                     f"{ref_fields[p][bad] if bad is not None else len(ref_fields.get(p, []))})")
-    return f"{len(runs)} runs × {n:,} outputs identical ({', '.join(runs)})"
+def check_round(r: int, runs: dict) -> str:
+    """All runs of a round hold the same outputs (see the module doc), record by record over the part
+    each two produced; returns a one-line summary."""
+    try:
+        ref_key = next(k for k in runs if k.startswith("json-"))
+        ref = runs[ref_key]
+        for key, res in runs.items():
+            same = "raw" if key.startswith("json-") else "fields"  # JSON byte for byte; Avro field by field
+            c = C.compare_seqs(res[same], ref[same])
+            if c["problem"]:
+                raise AssertionError(f"round {r + 1}: {key} and {ref_key}: outputs differ ({same}): {c['problem']}")
+        return f"round {r + 1}: {len(runs)} runs' outputs identical ({', '.join(runs)})"
+    finally:
+        for res in runs.values():
+            res.pop("raw", None)
+            res.pop("fields", None)
 
 
 async def produce_inputs(n: int, partitions: int, cards: int, url: str) -> tuple[dict, dict]:
@@ -150,25 +160,32 @@ async def produce_inputs(n: int, partitions: int, cards: int, url: str) -> tuple
 
     inputs = {fmt: C.unique(f"fmt-input-{fmt}") for fmt in FORMATS}
     await C.create_topics({t: partitions for t in inputs.values()})
-    recs = []
-    for k, v in C.transactions(n, n_cards=cards, seed=42):
-        d = orjson.loads(v)
-        recs.append((k, {"card_id": d["card_id"], "merchant_id": d["merchant_id"], "amount": d["amount"],
-                         "features": d["features"]}))
     schema = json.loads((C.ROOT / "examples" / "bundles" / "fraud-avro" / "schemas" / "input.avsc").read_text())
     sid = RegistryClient(url).register(f"{inputs['avro']}-value", schema_text(schema))
     parsed = fastavro.parse_schema(schema)
 
-    def avro(d: dict) -> bytes:
-        buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, parsed, d)
-        return frame(sid, buf.getvalue())
+    def fields(records) -> list:
+        out = []
+        for k, v in records:
+            d = orjson.loads(v)
+            out.append((k, {"card_id": d["card_id"], "merchant_id": d["merchant_id"], "amount": d["amount"],
+                            "features": d["features"]}))
+        return out
 
-    encoded = {"json": [(k, orjson.dumps(d)) for k, d in recs], "avro": [(k, avro(d)) for k, d in recs]}
+    def as_json(records) -> list:
+        return [(k, orjson.dumps(d)) for k, d in fields(records)]
+
+    def as_avro(records) -> list:
+        out = []
+        for k, d in fields(records):
+            buf = io.BytesIO()
+            fastavro.schemaless_writer(buf, parsed, d)
+            out.append((k, frame(sid, buf.getvalue())))
+        return out
+
     sizes = {}
-    for fmt in FORMATS:
-        C.produce(inputs[fmt], encoded[fmt])
-        sizes[fmt] = sum(len(v) for _, v in encoded[fmt]) / n
+    for fmt, encode in (("json", as_json), ("avro", as_avro)):
+        sizes[fmt] = C.produce_stream(inputs[fmt], n, n_cards=cards, seed=42, encode=encode)["bytes_per_record"]
     return inputs, sizes
 
 
@@ -178,111 +195,96 @@ async def main(args) -> int:
     env = C.environment()
     url = registry_url()
     bundles = {fmt: C.build_bundle(C.ROOT / "examples" / "bundles" / b, WORK / "bundles") for fmt, b in BUNDLES.items()}
-    n = args.records
+    plan = C.make_plan(args)
     codecs = args.codecs.split(",")
-    systems = [(fmt, c) for fmt in FORMATS for c in codecs]
-    results: dict[str, list[dict]] = {f"{f}-{c}": [] for f, c in systems}
-    checks = []
+    systems = [f"{fmt}-{c}" for fmt in FORMATS for c in codecs]
+    checks: list[str] = []
     decode = AvroDecoder(url)
-    inputs, in_sizes = await produce_inputs(n, args.partitions, args.cards, url)
-    print(f"inputs: {n} records, JSON {in_sizes['json']:.0f} bytes/record, Avro {in_sizes['avro']:.0f} bytes/record "
-          f"(incl. the 5-byte wire header); registry {url}", flush=True)
+    inputs, in_sizes = await produce_inputs(plan.records, args.partitions, args.cards, url)
+    print(f"inputs: {plan.records:,} records, JSON {in_sizes['json']:.0f} bytes/record, Avro {in_sizes['avro']:.0f} "
+          f"bytes/record (incl. the 5-byte wire header); registry {url}; {plan.describe()}", flush=True)
+
+    async def run(system: str, _round: int) -> dict:
+        fmt, codec = system.split("-")
+        return await run_one(fmt, codec, inputs=inputs, plan=plan, partitions=args.partitions, bundles=bundles,
+                             url=url, decode_avro=decode)
+
+    def after_round(r: int, last: dict) -> str:
+        checks.append(check_round(r, last))
+        return checks[-1]
+
     try:
-        for r in range(args.rounds):
-            for fmt, codec in systems:
-                res = await run_one(fmt, codec, inputs=inputs, n=n, partitions=args.partitions, bundles=bundles,
-                                    url=url, timeout=max(120.0, n / 500))
-                results[f"{fmt}-{codec}"].append(res)
-                print(f"round {r + 1}/{args.rounds} {fmt}-{codec:5s} steady {res['steady']:8,.0f} rec/s  from start "
-                      f"{res['e2e']:8,.0f}  output on disk {res['disk_bytes'] / n:6.1f} B/rec  values "
-                      f"{res['value_bytes'] / n:6.1f} B/rec  CPU {res['cpu_per_100k']:.1f}s/100k", flush=True)
-            line = check_round({k: v[-1] for k, v in results.items()}, decode, n)
-            checks.append(f"round {r + 1}: {line}")
-            print(f"  check: {checks[-1]}", flush=True)
-            for v in results.values():
-                v[-1].pop("parts", None)
+        results = await C.interleaved(systems, plan, run, after_round=after_round, describe=lambda res: (
+            f"output on disk {res['disk_bytes_per_record']:6.1f} B/rec  values {res['value_bytes_per_record']:6.1f} B/rec"))
     finally:
         await C.delete_topics(list(inputs.values()))
     env["commit_end"] = C.environment()["commit"]
     took = (time.monotonic() - t_start) / 60
+    import dataclasses
+
     (WORK / "results.json").write_text(json.dumps({"argv": sys.argv, "results": results, "env": env,
-                                                   "in_sizes": in_sizes, "checks": checks}, indent=1))
-    report(results, codecs, n, in_sizes, args, env, checks, took)
+                                                   "plan": dataclasses.asdict(plan), "in_sizes": in_sizes,
+                                                   "checks": checks}, indent=1))
+    report(results, codecs, plan, in_sizes, args, env, checks, took)
     return 0
 
 
-def report(results, codecs, n, in_sizes, args, env, checks, took) -> None:
+def report(results, codecs, plan: C.Plan, in_sizes, args, env, checks, took) -> None:
     ref = "json-zstd" if "json-zstd" in results else next(iter(results))
+    keys = list(results)
 
-    def per_round_ratio(a: str, b: str, field: str = "steady") -> dict:
-        return C.stats([x[field] / y[field] for x, y in zip(results[a], results[b])])
+    def med(field: str):
+        return lambda _k, rs: f"{C.stats([r[field] for r in rs])['median']:.1f}"
 
-    rows = []
-    for key, rs in results.items():
-        s = C.stats([r["steady"] for r in rs])
-        rr = per_round_ratio(key, ref)
-        disk = C.stats([r["disk_bytes"] / n for r in rs])
-        rows.append([f"`{key}`", C.fmt_rate(s["median"]), C.fmt_rate(s["min"]), C.fmt_rate(s["max"]),
-                     f"{rr['median']:.2f} ({rr['min']:.2f}–{rr['max']:.2f})",
-                     f"{disk['median']:.1f}", f"{disk['median'] / C.stats([r['disk_bytes'] / n for r in results[ref]])['median']:.2f}",
-                     f"{rs[0]['value_bytes'] / n:.1f}",
-                     f"{C.stats([r['cpu_per_100k'] for r in rs])['median']:.1f}"])
-    headers = ["system (format-compression)", "steady rec/s median", "min", "max",
-               f"ratio to {ref}: median of per-round (min–max)", "output topic on disk, bytes/record (median)",
-               f"on-disk ratio to {ref}", "uncompressed value bytes/record", "CPU s / 100k records"]
-    table = C.md_table(headers, rows)
+    table = C.rate_table(results, keys, lambda k: f"`{k}`", ref=ref, extra=(
+        ("output topic on disk, bytes/record (median)", med("disk_bytes_per_record")),
+        (f"on-disk ratio to {ref} (per-round median)",
+         lambda k, rs: f"{C.ratio_stats(results, k, ref, 'disk_bytes_per_record')['median']:.2f}"),
+        ("uncompressed value bytes/record", med("value_bytes_per_record")),
+        ("CPU s / 100k records", C.median_of("cpu_per_100k"))))
     summary = []
     for c in codecs:
         if f"avro-{c}" in results and f"json-{c}" in results:
-            rr = per_round_ratio(f"avro-{c}", f"json-{c}")
+            rr = C.ratio_stats(results, f"avro-{c}", f"json-{c}")
             summary.append(f"- compression {c}: Avro runs at **{rr['median']:.2f}×** JSON (per-round "
                            f"{rr['min']:.2f}–{rr['max']:.2f})")
     for fmt in FORMATS:
         if f"{fmt}-none" in results:
             for c in codecs:
                 if c != "none" and f"{fmt}-{c}" in results:
-                    rr = per_round_ratio(f"{fmt}-{c}", f"{fmt}-none")
-                    dr = per_round_ratio(f"{fmt}-{c}", f"{fmt}-none", "disk_bytes")
+                    rr = C.ratio_stats(results, f"{fmt}-{c}", f"{fmt}-none")
+                    dr = C.ratio_stats(results, f"{fmt}-{c}", f"{fmt}-none", "disk_bytes_per_record")
                     summary.append(f"- {fmt}, {c} vs none: throughput **{rr['median']:.2f}×** (per-round "
                                    f"{rr['min']:.2f}–{rr['max']:.2f}), output bytes on disk **{dr['median']:.2f}×**")
-    per_round = ["| round | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-    for i in range(args.rounds):
-        per_round.append(f"| {i + 1} | " + " | ".join(C.fmt_rate(v[i]["steady"]) for v in results.values()) + " |")
     print("\n" + table + "\n\n" + "\n".join(summary))
-    body = ["## Avro vs JSON, and output compression (issue 15)\n",
-            f"Command: `{C.command_line()}` (took {took:.1f} min)\n",
-            C.env_block(env),
-            f"- workload: {n:,} card transactions ({args.cards:,} cards, key = card; the four fields of fraud-avro's "
+    for line in C.short_windows(results, plan):
+        print(f"WARNING: {line}")
+    body = [*C.section_head("## Avro vs JSON, and output compression (issue 15)\n", env, took),
+            f"- workload: an input of {plan.records:,} card transactions ({args.cards:,} cards, key = card; the four fields of fraud-avro's "
             f"input.avsc: card_id, merchant_id, amount, 8 features), produced once as JSON "
             f"({in_sizes['json']:.0f} bytes/record) and once as Avro in the Confluent wire format "
             f"({in_sizes['avro']:.0f} bytes/record incl. the 5-byte header; schema in the local Apicurio registry, "
             f"`failoverd schema-registry up`), {args.partitions} partitions, same keys and partitions. "
-            f"{args.rounds} interleaved rounds of {', '.join(results)}.",
+            f"{plan.rounds} interleaved rounds of {', '.join(results)}.",
+            C.method_md(plan),
             "- every system is the real daemon, exactly-once, checkpoint.interval_ms=100, subprocess worker: "
             "`json-*` runs fraud-v1 (format json), `avro-*` runs fraud-avro (the same model code; "
             "`[inputs] format = \"avro\"`, `[output] format = \"avro\"`, `[schema_registry] url`), with "
             "`[output] compression` = the codec named (zstd is the default).",
             "- *output topic on disk* = sizes of the output topic's log segment files in the broker's data "
             "directory after the run (record batches as the daemon's producer compressed them, plus transaction "
-            "markers), divided by N. *uncompressed value bytes* = the values' own length.",
-            "- checks: every output topic held exactly N committed records and no dead letters; after every round "
-            "all runs held the same outputs per partition in offset order (JSON byte for byte across codecs; Avro "
-            "decoded with the registry's writer schema and compared to JSON field by field: "
-            f"{', '.join(FIELDS)}): {'; '.join(checks)}.",
-            "- *steady* = records after the first commit ÷ (last − first commit time). Shared 2-core machine: "
-            "compare ratios within a round, not absolute rates.",
-            "", table, "", *summary, "",
-            "Steady rec/s of every run, in run order (each row one interleaved round):\n",
-            "\n".join(per_round) + "\n"]
+            "markers), divided by the records in it. *uncompressed value bytes* = the values' own length.",
+            "- checks: every output topic held exactly one committed record per committed input and no dead letters; "
+            "after every round all runs held the same outputs per partition in offset order, record by record over "
+            "the part each two produced (JSON byte for byte across codecs; Avro decoded with the registry's writer "
+            f"schema and compared to JSON field by field: {', '.join(FIELDS)}): {'; '.join(checks)}.",
+            "- Shared 2-core machine: compare ratios within a round, not absolute rates.",
+            "", table, "", *summary, "", C.per_round_md(results, keys)]
     C.publish_section("formats", body, C.BENCH / "formats_notes.md", write=not args.no_doc)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--records", type=int, default=150_000)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--cards", type=int, default=10_000)
+    C.add_method_args(ap, rate_ceiling=RATE_CEILING, input_args=True)
     ap.add_argument("--codecs", default=",".join(CODECS), help="comma-separated subset of none,zstd,lz4,gzip")
-    ap.add_argument("--no-doc", action="store_true", help="print only; do not rewrite docs/BENCHMARKS.md")
     sys.exit(asyncio.run(main(ap.parse_args())))

@@ -1,7 +1,7 @@
 """Throughput of the ML example releases through failoverd, against the same model in a plain loop (issue 13).
 
-    .venv/bin/python bench/ml_throughput.py                 # 150k records, 3 interleaved rounds (~5 min)
-    .venv/bin/python bench/ml_throughput.py --records 5000 --rounds 1 --no-doc   # a smoke run
+    .venv/bin/python bench/ml_throughput.py                 # 30 s windows, 3 interleaved rounds (~20 min)
+    .venv/bin/python bench/ml_throughput.py --quick --no-doc   # 5 s windows, 1 round (~2 min): review only
 
 The releases: fraud-ml 1.0.0 (examples/bundles/fraud-ml-sklearn: a fitted scikit-learn pipeline,
 joblib) and fraud-ml 1.1.0 (examples/bundles/fraud-ml-onnx: the same pipeline converted to ONNX,
@@ -28,10 +28,12 @@ Systems, run interleaved (sk-plain, sk-eos, onnx-plain, onnx-eos; then again):
                (FAILOVERD_BENCH_APPEND_PATH), so nothing the release pins is shadowed. The release
                environment itself is not modified.
 
-A run is over when the group's committed input offsets reach N. Then the output topic is read
-back with read_committed: it must hold exactly N records, and after every round the outputs of
-`<rel>-plain` and `<rel>-eos` are compared **value by value** (per partition, in offset order,
-decoded JSON equal): a mismatch fails the bench.
+Method (bench/common.py, issue 17): each run is measured over a steady window of --seconds (30 s)
+from its first commit; the input is sized for the faster system (--rate-ceiling). Then the output
+topic is read back with read_committed: one record per committed input (eos; plain: at least that),
+and after every round the outputs of `<rel>-plain` and `<rel>-eos` are compared **value by value**
+(per partition, in offset order, decoded JSON equal, over the part both produced): a mismatch fails
+the bench.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from bench import common as C  # noqa: E402
 RELEASES = {"sk": ("fraud-ml-sklearn", "fraud-ml 1.0.0, scikit-learn"),
             "onnx": ("fraud-ml-onnx", "fraud-ml 1.1.0, ONNX Runtime")}
 WORK = C.OUT / "ml"
+RATE_CEILING = 130_000  # rec/s neither system reaches with these releases (~90k measured): sizes the input
 KAFKA_DISTS = ("aiokafka", "async_timeout", "typing_extensions", "packaging")
 
 
@@ -72,66 +75,40 @@ def kafka_path() -> Path:
     return d
 
 
-def prepare(key: str) -> dict:
-    """Build the release --with-wheels, open it, build its environment for the plain loop."""
+def prepare(key: str, src: Path | None = None, work: Path = WORK) -> dict:
+    """Build the release (``src``, default the example release ``key`` names) --with-wheels, open it,
+    build its environment for the plain loop (bench/peers/run.py does the same for its peers)."""
     from daemon.bundle import build, environments
     from daemon.bundle.loader import open_bundle
 
-    src = C.ROOT / "examples" / "bundles" / RELEASES[key][0]
-    fdb = build(src, WORK / "dist", with_wheels=True).path
+    src = src or C.ROOT / "examples" / "bundles" / RELEASES[key][0]
+    fdb = build(src, work / "dist", with_wheels=True).path
     t0 = time.monotonic()
-    bundle = open_bundle(fdb, WORK / "unpacked")
-    env = environments.ensure_env(bundle, WORK / "envs")
-    runtime = environments.runtime_dir(WORK / "envs")
+    bundle = open_bundle(fdb, work / "unpacked")
+    env = environments.ensure_env(bundle, work / "envs")
+    runtime = environments.runtime_dir(work / "envs")
     pins = [str(p) for p in environments.pins_of(bundle)]
     print(f"{key}: {fdb.name}, environment {env} ({time.monotonic() - t0:.1f}s), pins {', '.join(pins)}", flush=True)
     return {"fdb": fdb, "root": bundle.root, "python": str(env / "bin" / "python"), "runtime": runtime,
             "pins": pins}
 
 
-async def run_one(key: str, kind: str, rel: dict, *, input_topic: str, n: int, partitions: int, timeout: float,
+async def run_one(key: str, kind: str, rel: dict, *, input_topic: str, plan: C.Plan, partitions: int,
                   kpath: Path) -> dict:
-    tag = C.unique(f"{key}-{kind}")
-    group, app = f"{tag}-g", f"{tag}-app"
-    run_dir = WORK / "runs" / tag
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = None
-    if kind == "plain":
-        names = {"output": f"{tag}-output"}
-        await C.create_topics({names["output"]: partitions})
-        argv = [rel["python"], str(C.BENCH / "plain_loop.py"), "--bootstrap", C.BOOTSTRAP, "--input", input_topic,
-                "--output", names["output"], "--group", group, "--workload", "model", "--bundle", str(rel["root"]),
-                "--max-records", "1000"]
-        env = {"FAILOVERD_BENCH_APPEND_PATH": os.pathsep.join([str(rel["runtime"]), str(kpath)])}
-    else:
-        names = C.daemon_topics(f"{key}-{kind}", partitions)
-        await C.create_daemon_topics(names, partitions)
-        cfg = C.write_config(run_dir / "failoverd.toml", input_topic=input_topic, names=names,
-                             state_dir=run_dir / "state", group=group, app=app,
-                             extra={"checkpoint": {"interval_ms": 100, "exactly_once": True},
-                                    "worker": {"mode": "subprocess"}})
-        argv = C.daemon_argv(cfg, rel["fdb"])
-    proc = C.Proc(argv, run_dir / "process.log", env=env)
+    plain = kind == "plain"
+    proc, names, group = await C.start_system(
+        f"{key}-{kind}", input_topic, partitions, WORK / "runs", bundle=rel["fdb"],
+        plain=["--workload", "model", "--bundle", str(rel["root"]), "--max-records", "1000"] if plain else None,
+        py=rel["python"] if plain else C.PY,
+        env={"FAILOVERD_BENCH_APPEND_PATH": os.pathsep.join([str(rel["runtime"]), str(kpath)])} if plain else None)
     try:
-        t, cpu = await C.wait_for_inputs(proc, group, input_topic, n, timeout=timeout, name=f"{key}-{kind}")
+        res = await C.measure(proc, group, input_topic, plan, name=f"{key}-{kind}")
     finally:
         proc.stop()
-    try:
-        outputs = await C.read_all(names["output"], values=True, expect=n, timeout=60)
-        dead = len(await C.read_all(names["dlq"], values=False)) if "dlq" in names else 0
-    finally:
-        await C.delete_topics(list(names.values()))
-        shutil.rmtree(run_dir / "state", ignore_errors=True)
-    if len(outputs) != n or dead:
-        raise AssertionError(f"{key}-{kind}: {len(outputs)} committed outputs and {dead} dead letters for {n} inputs "
-                             f"(log {proc.log_path})")
-    by_part: dict[int, list] = {}
-    for part, _off, _k, value, _h, _ts in sorted(outputs, key=lambda r: (r[0], r[1])):
-        by_part.setdefault(part, []).append(value)
-    steady, ok = C.steady_rate(t, n, proc.t_spawn)
-    return {"steady": steady, "steady_ok": ok, "e2e": n / (t["t_end"] - proc.t_spawn),
-            "startup_s": t["t_first"] - proc.t_spawn, "cpu_per_100k": cpu / n * 100_000, "log": str(proc.log_path),
-            "parts": by_part}
+    seqs = await C.finish_run(proc, names, group, input_topic, exactly_once=not plain, name=f"{key}-{kind}",
+                              hasher=score_hash)
+    res.update(seqs=seqs, log=str(proc.log_path))
+    return res
 
 
 SCORE_TOLERANCE = 1e-6
@@ -142,29 +119,12 @@ runs -- even two runs of the daemon -- cut the backlog differently. Such a value
 within tolerance (and is counted separately); any other difference fails the bench."""
 
 
-def compare(a: dict, b: dict) -> tuple[int, int, int, str]:
-    """(values compared, values exactly equal, values equal but for ``score`` within SCORE_TOLERANCE,
-    first other difference or "") of two runs' outputs, per partition in offset order, decoded JSON."""
-    compared = exact = near = 0
-    first = ""
-    for part in sorted(set(a) | set(b)):
-        xs, ys = a.get(part, []), b.get(part, [])
-        if len(xs) != len(ys):
-            first = first or f"partition {part}: {len(xs)} vs {len(ys)} records"
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            compared += 1
-            if x == y:
-                exact += 1
-                continue
-            dx, dy = orjson.loads(x), orjson.loads(y)
-            if dx == dy:
-                exact += 1
-            elif ({k: v for k, v in dx.items() if k != "score"} == {k: v for k, v in dy.items() if k != "score"}
-                  and abs(dx["score"] - dy["score"]) <= SCORE_TOLERANCE + 1e-12):
-                near += 1
-            else:
-                first = first or f"partition {part} #{i}: {x[:200]!r} vs {y[:200]!r}"
-    return compared, exact, near, first
+def score_hash(partition: int, _key, value: bytes) -> tuple:
+    """(partition, hash of every field but ``score``, score): compared per partition in offset order,
+    every field equal after JSON decoding, the score within SCORE_TOLERANCE."""
+    d = orjson.loads(value)
+    score = d.pop("score")
+    return partition, hash(tuple(sorted(d.items()))), score
 
 
 async def main(args) -> int:
@@ -174,84 +134,82 @@ async def main(args) -> int:
     t_start = time.monotonic()
     rels = {k: prepare(k) for k in keys}
     kpath = kafka_path()
-    n = args.records
+    plan = C.make_plan(args)
     input_topic = C.unique("ml-input")
     await C.create_topics({input_topic: args.partitions})
-    timeout = max(120.0, n / 500)
-    systems = [(k, kind) for k in keys for kind in ("plain", "eos")]
-    results: dict[str, list[dict]] = {f"{k}-{kind}": [] for k, kind in systems}
+    systems = [f"{k}-{kind}" for k in keys for kind in ("plain", "eos")]
     checks: list[str] = []
-    try:
-        records = C.transactions(n, n_cards=args.cards, seed=42)
-        size = sum(len(v) for _, v in records) / n
-        secs = C.produce(input_topic, records)
-        del records
-        print(f"input: {n} records of {size:.0f} bytes avg, {args.partitions} partitions (produced in {secs:.1f}s)")
-        for r in range(args.rounds):
-            for k, kind in systems:
-                res = await run_one(k, kind, rels[k], input_topic=input_topic, n=n, partitions=args.partitions,
-                                    timeout=timeout, kpath=kpath)
-                results[f"{k}-{kind}"].append(res)
-                print(f"round {r + 1}/{args.rounds} {k}-{kind:5s} steady {res['steady']:8,.0f} rec/s  from start "
-                      f"{res['e2e']:8,.0f} rec/s  startup {res['startup_s']:.1f}s  CPU {res['cpu_per_100k']:.1f}s/100k",
-                      flush=True)
+
+    async def run(system: str, _round: int) -> dict:
+        k, kind = system.split("-")
+        return await run_one(k, kind, rels[k], input_topic=input_topic, plan=plan, partitions=args.partitions,
+                             kpath=kpath)
+
+    def after_round(r: int, last: dict) -> str:
+        try:
+            lines = []
             for k in keys:
-                compared, exact, near, first = compare(results[f"{k}-plain"][-1]["parts"],
-                                                       results[f"{k}-eos"][-1]["parts"])
-                if first or compared != n:
-                    raise AssertionError(f"round {r + 1}: {k}-plain and {k}-eos outputs differ ({compared} of {n} "
-                                         f"compared, {exact} equal, {near} within {SCORE_TOLERANCE} in score); "
-                                         f"first: {first}")
-                line = f"round {r + 1} {k}: {exact:,} of {compared:,} identical" + (
-                    f", {near} equal but for score ±{SCORE_TOLERANCE:g}" if near else "")
-                checks.append(line)
-                print(f"  check: {line}", flush=True)
-            for k, kind in systems:
-                results[f"{k}-{kind}"][-1].pop("parts", None)
+                c = C.compare_seqs(last[f"{k}-eos"]["seqs"], last[f"{k}-plain"]["seqs"], tol=SCORE_TOLERANCE)
+                if c["problem"]:
+                    raise AssertionError(f"round {r + 1}: {k}-plain and {k}-eos outputs differ: {c['problem']} "
+                                         f"({last[f'{k}-eos']['log']})")
+                lines.append(f"round {r + 1} {k}: {c['exact']:,} of {c['compared']:,} identical" + (
+                    f", {c['near']} equal but for score ±{SCORE_TOLERANCE:g}" if c["near"] else ""))
+            checks.extend(lines)
+            return "; ".join(lines)
+        finally:
+            for res in last.values():
+                res.pop("seqs", None)
+
+    try:
+        made = C.produce_stream(input_topic, plan.records, n_cards=args.cards, seed=42)
+        size = made["bytes_per_record"]
+        print(f"input: {plan.records:,} records of {size:.0f} bytes avg, {args.partitions} partitions (produced in "
+              f"{made['seconds']:.1f}s); {plan.describe()}")
+        results = await C.interleaved(systems, plan, run, after_round=after_round)
     finally:
         await C.delete_topics([input_topic])
     env["commit_end"] = C.environment()["commit"]
     took = (time.monotonic() - t_start) / 60
+    import dataclasses
+
     (WORK / "results.json").write_text(json.dumps({"argv": sys.argv, "results": results, "env": env,
-                                                   "checks": checks}, indent=1, default=str))
-    report(results, keys, rels, n, size, args, env, checks, took)
+                                                   "plan": dataclasses.asdict(plan), "checks": checks}, indent=1,
+                                                  default=str))
+    report(results, keys, rels, plan, size, args, env, checks, took)
     return 0
 
 
-def report(results, keys, rels, n, size, args, env, checks, took) -> None:
-    rows = []
+def report(results, keys, rels, plan: C.Plan, size, args, env, checks, took) -> None:
     verdict = []
+    systems = [f"{k}-{kind}" for k in keys for kind in ("plain", "eos")]
+
+    def label(system: str) -> str:
+        k, kind = system.split("-")
+        return f"{RELEASES[k][1]}: " + ("plain aiokafka loop (same model, same batching)" if kind == "plain"
+                                        else "failoverd exactly-once, subprocess worker")
+
+    def vs_plain(system: str, _rs: list) -> str:  # the ratio to the plain loop of the same release
+        return C.ratio_text(C.ratio_stats(results, system, f"{system.split('-')[0]}-plain"))
+
     for k in keys:
-        base = results[f"{k}-plain"]
-        for kind in ("plain", "eos"):
-            rs = results[f"{k}-{kind}"]
-            s = C.stats([r["steady"] for r in rs])
-            e = C.stats([r["e2e"] for r in rs])
-            ratios = C.stats([a["steady"] / b["steady"] for a, b in zip(rs, base)])
-            label = f"{RELEASES[k][1]}: " + ("plain aiokafka loop (same model, same batching)" if kind == "plain"
-                                              else "failoverd exactly-once, subprocess worker")
-            rows.append([label, C.fmt_rate(s["median"]), C.fmt_rate(s["min"]), C.fmt_rate(s["max"]),
-                         f"{ratios['median']:.2f} ({ratios['min']:.2f}–{ratios['max']:.2f})",
-                         C.fmt_rate(e["median"]), f"{C.stats([r['startup_s'] for r in rs])['median']:.1f}",
-                         f"{C.stats([r['cpu_per_100k'] for r in rs])['median']:.1f}"])
-        rr = C.stats([a["steady"] / b["steady"] for a, b in zip(results[f"{k}-eos"], base)])
+        rr = C.ratio_stats(results, f"{k}-eos", f"{k}-plain")
         verdict.append(f"- **{RELEASES[k][1]}**: failoverd exactly-once runs at **{rr['median']:.2f}×** the plain loop "
-                       f"with the same model (per-round ratios {rr['min']:.2f}–{rr['max']:.2f}, {len(base)} rounds).")
-    headers = ["system", "steady rec/s median", "min", "max", "ratio to the plain loop, same release: median of "
-               "per-round (min–max)", "from-start rec/s median", "startup s (median)", "CPU s / 100k records"]
-    table = C.md_table(headers, rows)
-    per_round = ["| round | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-    for i in range(args.rounds):
-        per_round.append(f"| {i + 1} | " + " | ".join(C.fmt_rate(v[i]["steady"]) for v in results.values()) + " |")
+                       f"with the same model (per-round ratios {rr['min']:.2f}–{rr['max']:.2f}, {rr['n']} rounds).")
+    table = C.rate_table(results, systems, label, extra=(
+        ("ratio to the plain loop, same release: median of per-round (min–max)", vs_plain),
+        ("from-start rec/s median", lambda _k, rs: C.fmt_rate(C.stats([r["e2e"] for r in rs])["median"])),
+        ("startup s (median)", C.median_of("startup_s")), ("CPU s / 100k records", C.median_of("cpu_per_100k"))))
     print("\n" + table + "\n\n" + "\n".join(verdict))
-    body = ["## ML releases' throughput (issue 13)\n",
-            f"Command: `{C.command_line()}` (took {took:.1f} min)\n",
-            C.env_block(env),
+    for line in C.short_windows(results, plan):
+        print(f"WARNING: {line}")
+    body = [*C.section_head("## ML releases' throughput (issue 13)\n", env, took),
             "- releases: " + "; ".join(f"{RELEASES[k][1]} (`{rels[k]['fdb'].name}`, built --with-wheels, pins "
                                         f"{', '.join(rels[k]['pins'])})" for k in keys),
-            f"- workload: {n:,} JSON card transactions (avg {size:.0f} bytes, {args.cards:,} cards, key = card) in one "
-            f"topic with {args.partitions} partitions, produced once; every run reads all of it into a fresh output "
-            f"topic with a fresh group; {args.rounds} interleaved rounds of {', '.join(results)}.",
+            f"- workload: an input of {plan.records:,} JSON card transactions (avg {size:.0f} bytes, {args.cards:,} "
+            f"cards, key = card) in one topic with {args.partitions} partitions, produced once; every run reads it into "
+            f"a fresh output topic with a fresh group; {plan.rounds} interleaved rounds of {', '.join(results)}.",
+            C.method_md(plan),
             "- `eos`: the real daemon (`python -m daemon run --active-bundle <.fdb>`), exactly-once, "
             "checkpoint.interval_ms=100, subprocess worker, max_batch_records=1000; the worker runs on the release "
             "environment the daemon builds under `<state>/envs/` (a fresh state directory per run: the environment "
@@ -265,28 +223,23 @@ def report(results, keys, rels, n, size, args, env, checks, took) -> None:
             "the release's own class, getmany(max_records=1000) batches fed to `predict` in waves of distinct cards "
             "(as the daemon), input + output JSON-Schema validation; at-least-once (flush + commit every 100 ms), "
             "no transactions, changelog, checkpoints, headers or dead letters; no compression.",
-            "- end of a run = committed input offsets reach N; the output topic then holds exactly N records "
-            "(read_committed) in every run. **Outputs checked value by value**: after every round the plain "
-            "and the eos output of each release were compared per partition in offset order (decoded JSON): "
+            "- end of a run = its steady window or the end of the input; the output topic (read_committed) then "
+            "holds exactly one record per committed input for `eos`, at least that many for `plain`, in every run. "
+            "**Outputs checked value by value**: after every round the plain and the eos output of each release were "
+            "compared per partition in offset order (decoded JSON), record by record over the part both produced: "
             f"{'; '.join(checks)}. Every field must be equal; the one allowance is `score` within "
             f"±{SCORE_TOLERANCE:g} (see the note below the table: ONNX Runtime's float32 kernels are not batch-"
             "invariant, and the batch boundaries of two runs differ).",
-            "- *steady* = records after the first commit ÷ (last − first commit time); *from start* adds process "
-            "start, environment check/build, model load, group join. CPU = user+system of the process tree "
-            "(daemon + worker, or the plain loop), broker excluded. Shared 2-core machine: compare the ratios "
-            "(same round), not the absolute rates.",
-            "", table, "", *verdict, "",
-            "Steady rec/s of every run, in run order (each row one interleaved round):\n",
-            "\n".join(per_round) + "\n"]
+            "- *from start* = inputs committed ÷ (end of the window − process spawn): adds process start, environment "
+            "check/build, model load, group join. CPU = user+system of the process tree (daemon + worker, or the "
+            "plain loop), broker excluded. Shared 2-core machine: compare the ratios (same round), not the absolute "
+            "rates.",
+            "", table, "", *verdict, "", C.per_round_md(results, systems)]
     C.publish_section("ml-throughput", body, C.BENCH / "ml_throughput_notes.md", write=not args.no_doc)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--records", type=int, default=150_000)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--cards", type=int, default=10_000)
+    C.add_method_args(ap, rate_ceiling=RATE_CEILING, input_args=True)
     ap.add_argument("--releases", default="sk,onnx", help="comma-separated subset of sk,onnx")
-    ap.add_argument("--no-doc", action="store_true", help="print only; do not rewrite docs/BENCHMARKS.md")
     sys.exit(asyncio.run(main(ap.parse_args())))

@@ -1,6 +1,7 @@
 """No-regression check of the data path (issue 14): the current engine against an older commit, side by side.
 
-    .venv/bin/python bench/regression.py --ref e2fc212          # 100k records, 3 interleaved rounds (~2 min)
+    .venv/bin/python bench/regression.py --ref e2fc212          # 30 s windows, 3 interleaved rounds (~12 min)
+    .venv/bin/python bench/regression.py --ref e2fc212 --quick  # 5 s windows, 1 round (~1 min): review only
 
 Ratios published months apart were measured on a machine that was loaded differently (this one is
 shared), so "the ratio moved" cannot tell a regression from a quieter machine. This script runs
@@ -12,8 +13,8 @@ its own worker; the same venv and packages).
 Systems, interleaved every round: plain (bench/plain_loop.py --workload model, the current tree),
 eos-ref (the reference commit's daemon, exactly-once, subprocess worker), eos-now (the current
 daemon, same settings). Both daemons run fraud-v1, each built by its own code. Same input, same
-checks as bench/throughput.py (N committed outputs, no dead letters; outputs identical per partition
-to plain's).
+method and checks as bench/throughput.py (steady windows of --seconds; one output per committed
+input, no dead letters; outputs identical per partition to plain's, record by record).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common as C  # noqa: E402
-from bench.throughput import partition_digests  # noqa: E402
 
 WORK = C.OUT / "regression"
 
@@ -50,43 +50,36 @@ def export(ref: str) -> tuple[Path, str, Path]:
     return tree, full, Path(out)
 
 
-async def run_one(key: str, *, tree: Path | None, bundle: Path, input_topic: str, n: int, partitions: int) -> dict:
-    tag = C.unique(key)
-    group, app = f"{tag}-g", f"{tag}-app"
-    run_dir = WORK / "runs" / tag
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env, cwd = None, C.ROOT
-    if key == "plain":
-        names = {"output": f"{tag}-output"}
-        await C.create_topics({names["output"]: partitions})
-        argv = [C.PY, str(C.BENCH / "plain_loop.py"), "--bootstrap", C.BOOTSTRAP, "--input", input_topic,
-                "--output", names["output"], "--group", group, "--workload", "model"]
-    else:
-        names = C.daemon_topics(key, partitions)
-        await C.create_daemon_topics(names, partitions)
-        cfg = C.write_config(run_dir / "failoverd.toml", input_topic=input_topic, names=names,
-                             state_dir=run_dir / "state", group=group, app=app,
-                             extra={"checkpoint": {"interval_ms": 100, "exactly_once": True},
-                                    "worker": {"mode": "subprocess"}})
-        argv = C.daemon_argv(cfg, bundle)
-        if tree is not None:
-            env, cwd = {"PYTHONPATH": str(tree)}, tree
-    proc = C.Proc(argv, run_dir / "process.log", env=env, cwd=cwd)
+async def run_one(key: str, *, tree: Path | None, bundle: Path, input_topic: str, plan: C.Plan,
+                  partitions: int) -> dict:
+    """plain (the current tree's plain loop), or a daemon: the reference tree's (``tree``, first on
+    PYTHONPATH, run from there) or the current one."""
+    proc, names, group = await C.start_system(
+        key, input_topic, partitions, WORK / "runs", plain=["--workload", "model"] if key == "plain" else None,
+        bundle=bundle, env={"PYTHONPATH": str(tree)} if tree else None, cwd=tree or C.ROOT)
     try:
-        t, cpu = await C.wait_for_inputs(proc, group, input_topic, n, timeout=max(120.0, n / 1000), name=key)
+        res = await C.measure(proc, group, input_topic, plan, name=key)
     finally:
         proc.stop()
+    seqs = await C.finish_run(proc, names, group, input_topic, exactly_once=key != "plain", name=key)
+    res.update(seqs=seqs, log=str(proc.log_path))
+    return res
+
+
+def check_round(r: int, last: dict) -> str:
+    """eos-ref's and eos-now's outputs = plain's, per partition, record by record over the part both produced."""
     try:
-        outputs = await C.read_all(names["output"], values=True, expect=n, timeout=60)
-        dead = len(await C.read_all(names["dlq"], values=False)) if "dlq" in names else 0
+        done = []
+        for k in ("eos-ref", "eos-now"):
+            c = C.compare_seqs(last[k]["seqs"], last["plain"]["seqs"])
+            if c["problem"]:
+                raise AssertionError(f"round {r + 1}: {k}'s outputs differ from plain's: {c['problem']} "
+                                     f"({last[k]['log']})")
+            done.append(f"{k} ({c['compared']:,})")
+        return f"round {r + 1}: outputs of {' and '.join(done)} identical to plain's per partition"
     finally:
-        await C.delete_topics(list(names.values()))
-        shutil.rmtree(run_dir / "state", ignore_errors=True)
-    if len(outputs) != n or dead:
-        raise AssertionError(f"{key}: {len(outputs)} outputs, {dead} dead letters for {n} inputs ({proc.log_path})")
-    steady, ok = C.steady_rate(t, n, proc.t_spawn)
-    return {"steady": steady, "steady_ok": ok, "cpu_per_100k": cpu / n * 100_000, "digest": partition_digests(outputs),
-            "log": str(proc.log_path)}
+        for res in last.values():
+            res.pop("seqs", None)
 
 
 async def main(args) -> int:
@@ -94,60 +87,44 @@ async def main(args) -> int:
     env = C.environment()
     tree, ref, ref_bundle = export(args.ref)
     now_bundle = C.build_bundle(C.ROOT / "examples" / "bundles" / "fraud-v1", WORK / "dist-now")
-    n = args.records
+    plan = C.make_plan(args)
     keys = ["plain", "eos-ref", "eos-now"]
-    results: dict[str, list[dict]] = {k: [] for k in keys}
     input_topic = C.unique("regress-input")
     await C.create_topics({input_topic: args.partitions})
     try:
-        C.produce(input_topic, C.transactions(n, n_cards=10_000, seed=42))
-        for r in range(args.rounds):
-            for k in keys:
-                res = await run_one(k, tree=tree if k == "eos-ref" else None,
-                                    bundle=ref_bundle if k == "eos-ref" else now_bundle,
-                                    input_topic=input_topic, n=n, partitions=args.partitions)
-                results[k].append(res)
-                print(f"round {r + 1}/{args.rounds} {k:8s} steady {res['steady']:9,.0f} rec/s  "
-                      f"CPU {res['cpu_per_100k']:.1f}s/100k{'' if res['steady_ok'] else '  (from start: run too short)'}",
-                      flush=True)
-            ref_digest = results["plain"][-1]["digest"]
-            for k in keys[1:]:
-                if results[k][-1]["digest"] != ref_digest:
-                    raise AssertionError(f"round {r + 1}: {k}'s outputs differ from plain's ({results[k][-1]['log']})")
-            print(f"  check: round {r + 1}: outputs of eos-ref and eos-now identical to plain's per partition", flush=True)
+        C.produce_stream(input_topic, plan.records, n_cards=10_000, seed=42)
+        print(f"input: {plan.records:,} records; {plan.describe()}", flush=True)
+
+        async def run(k: str, _round: int) -> dict:
+            return await run_one(k, tree=tree if k == "eos-ref" else None,
+                                 bundle=ref_bundle if k == "eos-ref" else now_bundle,
+                                 input_topic=input_topic, plan=plan, partitions=args.partitions)
+
+        results = await C.interleaved(keys, plan, run, after_round=check_round)
     finally:
         await C.delete_topics([input_topic])
     took = (time.monotonic() - t_start) / 60
+    import dataclasses
     import json
 
-    for v in results.values():
-        for x in v:
-            x.pop("digest", None)
-    (WORK / "results.json").write_text(json.dumps({"argv": sys.argv, "ref": ref, "env": env, "results": results},
-                                                  indent=1))
-    rows = []
-    for k in keys:
-        s = C.stats([x["steady"] for x in results[k]])
-        rp = C.stats([a["steady"] / b["steady"] for a, b in zip(results[k], results["plain"])])
-        rr = C.stats([a["steady"] / b["steady"] for a, b in zip(results[k], results["eos-ref"])])
-        rows.append([k, C.fmt_rate(s["median"]), C.fmt_rate(s["min"]), C.fmt_rate(s["max"]),
-                     f"{rp['median']:.2f} ({rp['min']:.2f}–{rp['max']:.2f})",
-                     f"{rr['median']:.2f} ({rr['min']:.2f}–{rr['max']:.2f})",
-                     f"{C.stats([x['cpu_per_100k'] for x in results[k]])['median']:.1f}"])
-    table = C.md_table(["system", "steady rec/s median", "min", "max", "ratio to plain, per-round median (min–max)",
-                        f"ratio to eos-ref ({ref}), per-round median (min–max)", "CPU s / 100k"], rows)
-    per_round = ["| round | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for i in range(args.rounds):
-        per_round.append(f"| {i + 1} | " + " | ".join(C.fmt_rate(results[k][i]["steady"]) for k in keys) + " |")
+    (WORK / "results.json").write_text(json.dumps({"argv": sys.argv, "ref": ref, "env": env, "results": results,
+                                                   "plan": dataclasses.asdict(plan)}, indent=1))
+    table = C.rate_table(results, keys, ref="plain", extra=(
+        (f"ratio to eos-ref ({ref}): median of per-round (min–max)",
+         lambda _k, rs: C.ratio_text(C.stats([a["rate"] / b["rate"] for a, b in zip(rs, results["eos-ref"])]))),
+        ("CPU s / 100k", C.median_of("cpu_per_100k"))))
     print(f"\nCommand: `{C.command_line()}` (took {took:.1f} min); reference {ref}, current {env['commit']}\n")
-    print(table + "\n\n" + "\n".join(per_round))
+    print(C.method_md(plan) + "\n")
+    print(table + "\n\n" + C.per_round_table(results, keys))
+    for line in C.short_windows(results, plan):
+        print(f"WARNING: {line}")
     return 0
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ref", required=True, help="the commit to compare against (e.g. the published run's)")
-    ap.add_argument("--records", type=int, default=100_000)
-    ap.add_argument("--rounds", type=int, default=3)
+    C.add_method_args(ap, rate_ceiling=150_000)
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--no-doc", action="store_true", help="accepted for bench/run_all.py: this script never writes the doc")
     sys.exit(asyncio.run(main(ap.parse_args())))

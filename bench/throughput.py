@@ -1,9 +1,8 @@
 """Throughput of the failoverd engine against a plain aiokafka loop (issue 4).
 
-    .venv/bin/python bench/throughput.py            # 100k records, 3 interleaved rounds (~6-8 min)
-    .venv/bin/python bench/throughput.py --quick    # 10k records, 3 rounds (~1.5 min)
+    .venv/bin/python bench/throughput.py            # 30 s steady windows, 3 interleaved rounds (~25 min)
+    .venv/bin/python bench/throughput.py --quick    # 5 s windows, 1 round (~1.5 min): review only
     .venv/bin/python bench/throughput.py --profile  # then py-spy the exactly-once daemon once
-    .venv/bin/python bench/throughput.py --records 200000   # the issue's example size (~12-15 min)
     .venv/bin/python bench/throughput.py --systems plain,eos-sub,eos-sub-lite   # + permissive-schema diagnostic
 
 One input topic (4 partitions, ~300-byte JSON card transactions) is produced once; every system
@@ -24,27 +23,28 @@ then consumes all of it from the start, into a fresh output topic, in its own co
 
 The daemon runs as `python -m daemon run --config ... --active-bundle <fraud-v1 archive>`.
 
-Rounds are interleaved (A B C D E, A B C D E, ...). A run is over when the group's committed
-input offsets reach the number of inputs: every system commits input offsets only after
-(exactly-once: in the same transaction as) the outputs, so that is "the last output is committed".
-Each run is then checked: the output topic holds exactly N committed records (read_committed).
-Honesty check, after every round: the `plain` output and the output of every failoverd system in the
-round hold the same values, in the same order, in every output partition (sha256 per partition of
-the values read with read_committed; the input is produced with murmur2 key partitioning, the daemon
-keeps the source partition, the plain loop's producer partitions by murmur2 of the key). A mismatch
-fails the bench: the baseline must do the same work and produce the same outputs.
+Method (bench/common.py, issue 17): rounds are interleaved (A B C D E, A B C D E, ...); each run is
+measured over a steady window of --seconds (30 s) from the group's first commit of input offsets
+(every system commits input offsets only after -- exactly-once: in the same transaction as -- the
+outputs); the input is sized for the fastest system (--rate-ceiling), a run stops at its window.
+Each run is then checked: exactly-once, the output topic holds exactly one committed record per
+committed input (read_committed); at-least-once, at least that many. Honesty check, after every
+round: the `plain` output and the output of every failoverd system in the round hold the same
+values, in the same order, in every output partition, record by record over the part both produced
+(64-bit hashes; the input is produced with murmur2 key partitioning, the daemon keeps the source
+partition, the plain loop's producer partitions by murmur2 of the key). A mismatch fails the bench:
+the baseline must do the same work and produce the same outputs.
 
 Two rates per run:
-  steady   = records committed after the first commit / (last commit time - first commit time):
-             the data path, without process start, model load and the group join
-  from start = N / (last commit time - process spawn): what a user sees for a whole backlog
+  steady   = records committed in the window / the window: the data path, without process start,
+             model load and the group join
+  from start = records committed / (end of the window - process spawn)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import shutil
 import sys
 import time
@@ -75,6 +75,7 @@ DEFAULT = ["plain", "plain-bare", "eos-sub", "alo-sub", "eos-inproc", "alo-inpro
 QUICK = ["plain", "plain-bare", "eos-sub", "alo-sub", "eos-inproc", "alo-inproc"]
 # the baselines: the target is judged against BASE (same work); FLOOR is shown next to it
 BASE, FLOOR = "plain", "plain-bare"
+RATE_CEILING = 150_000  # rec/s no system reaches here (at-least-once measured ~100k): sizes the input
 
 
 def lite_bundle() -> Path:
@@ -90,71 +91,49 @@ def lite_bundle() -> Path:
     return C.build_bundle(src, C.OUT / "bundles-lite")
 
 
-def partition_digests(records: list) -> list[list]:
-    """[count, sha256 of the values in offset order] per output partition, from read_all tuples."""
-    by_part: dict[int, list[bytes]] = {}
-    for part, _offset, _key, value, _headers, _ts in records:
-        by_part.setdefault(part, []).append(value or b"")
-    out = []
-    for part in range(max(by_part, default=-1) + 1):
-        h = hashlib.sha256()
-        for v in by_part.get(part, []):
-            h.update(len(v).to_bytes(4, "big"))
-            h.update(v)
-        out.append([len(by_part.get(part, [])), h.hexdigest()])
-    return out
+def check_same_outputs(last: dict, round_no: int) -> str | None:
+    """After a round (``last``: each system's run of it): per output partition, the plain (same work)
+    output and every failoverd system's must agree record by record over the part both produced (each
+    run stops at its own window). Then the hashes are dropped (they are the round's biggest memory)."""
+    try:
+        return _check_same_outputs(last, round_no)
+    finally:
+        for res in last.values():
+            res.pop("seqs", None)
 
 
-def check_same_outputs(results: dict, keys: list[str], round_no: int) -> str | None:
-    """After a round: the plain (same work) output must equal every failoverd system's, per partition."""
-    if BASE not in keys:
+def _check_same_outputs(last: dict, round_no: int) -> str | None:
+    if BASE not in last:
         return None
-    ref = results[BASE][-1]["digest"]
+    ref = last[BASE]
     checked = []
-    for k in keys:
+    for k, res in last.items():
         if SYSTEMS[k]["kind"] != "daemon":
             continue
-        got = results[k][-1]["digest"]
-        if got != ref:
-            parts = [f"partition {i}: {BASE} {a[0] if a else 0} records sha256 {a[1][:12] if a else '-'}, "
-                     f"{k} {b[0] if b else 0} records sha256 {b[1][:12] if b else '-'}"
-                     for i, (a, b) in enumerate(zip(ref + [None] * len(got), got + [None] * len(ref)))
-                     if (a or b) and a != b]
+        c = C.compare_seqs(res["seqs"], ref["seqs"])
+        if c["problem"]:
             raise AssertionError(
                 f"honesty check failed in round {round_no}: the outputs of {BASE} (bench/plain_loop.py --workload "
-                f"model) and {k} differ, so the baseline does not do the same work as failoverd:\n  "
-                + "\n  ".join(parts) + f"\n  logs: {results[BASE][-1]['log']}, {results[k][-1]['log']}")
-        checked.append(k)
-    return (f"round {round_no}: outputs identical per partition ({BASE} = {', '.join(checked)})"
+                f"model) and {k} differ ({c['problem']}), so the baseline does not do the same work as failoverd; "
+                f"logs: {ref['log']}, {res['log']}")
+        checked.append(f"{k} ({c['compared']:,})")
+    return (f"round {round_no}: outputs identical per partition, record by record, {BASE} = {', '.join(checked)}"
             if checked else None)
 
 
-async def run_one(key: str, *, input_topic: str, n: int, partitions: int, bundle: dict, workdir: Path,
-                  timeout: float, profile: Path | None = None) -> dict:
+async def run_one(key: str, *, input_topic: str, plan: C.Plan, partitions: int, bundle: dict, workdir: Path,
+                  profile: Path | None = None) -> dict:
     spec = SYSTEMS[key]
-    tag = C.unique(key)
-    group, app = f"{tag}-g", f"{tag}-app"
-    run_dir = workdir / tag
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if spec["kind"] == "plain":
-        names = {"output": f"{tag}-output"}
-        await C.create_topics({names["output"]: partitions})
-        argv = [C.PY, str(C.BENCH / "plain_loop.py"), "--bootstrap", C.BOOTSTRAP, "--input", input_topic,
-                "--output", names["output"], "--group", group, "--workload", spec["workload"]]
-    else:
-        names = C.daemon_topics(key, partitions)
-        await C.create_daemon_topics(names, partitions)
-        cfg = C.write_config(run_dir / "failoverd.toml", input_topic=input_topic, names=names,
-                             state_dir=run_dir / "state", group=group, app=app,
-                             extra={"checkpoint": {"interval_ms": 100, "exactly_once": spec["eos"]},
-                                    "worker": {"mode": spec["mode"]}})
-        argv = C.daemon_argv(cfg, bundle["lite"] if spec.get("lite") else bundle["v1"])
-    proc = C.Proc(argv, run_dir / "process.log")
+    proc, names, group = await C.start_system(
+        key, input_topic, partitions, workdir,
+        plain=["--workload", spec["workload"]] if spec["kind"] == "plain" else None,
+        bundle=bundle["lite"] if spec.get("lite") else bundle["v1"],
+        daemon_extra={"checkpoint": {"exactly_once": spec.get("eos", False)}, "worker": {"mode": spec.get("mode")}})
     spy = None
     try:
         if profile is not None:
             spy = await start_profilers(proc, spec, profile)
-        t, cpu = await C.wait_for_inputs(proc, group, input_topic, n, timeout=timeout, name=key)
+        res = await C.measure(proc, group, input_topic, plan, name=key)
     finally:
         proc.stop()
         if spy:
@@ -163,21 +142,9 @@ async def run_one(key: str, *, input_topic: str, n: int, partitions: int, bundle
                     s.wait(30)
                 except Exception:  # noqa: BLE001
                     s.kill()
-    try:
-        outputs = await C.read_all(names["output"], values=True, expect=n, timeout=60)
-        got = len(outputs)
-        digest = partition_digests(outputs)
-        del outputs
-        dead = len(await C.read_all(names["dlq"], values=False)) if "dlq" in names else 0
-    finally:
-        await C.delete_topics(list(names.values()))
-        shutil.rmtree(run_dir / "state", ignore_errors=True)
-    if got != n or dead:
-        raise AssertionError(f"{key}: {got} committed outputs and {dead} dead letters for {n} inputs")
-    steady, ok = C.steady_rate(t, n, proc.t_spawn)
-    return {"system": key, "n": n, "steady": steady, "steady_ok": ok,
-            "e2e": n / (t["t_end"] - proc.t_spawn), "startup_s": t["t_first"] - proc.t_spawn,
-            "cpu_per_100k": cpu / n * 100_000, "log": str(proc.log_path), "digest": digest}
+    seqs = await C.finish_run(proc, names, group, input_topic, exactly_once=spec.get("eos", False), name=key)
+    res.update(system=key, log=str(proc.log_path), seqs=seqs, outputs=seqs.n)
+    return res
 
 
 async def start_profilers(proc: C.Proc, spec: dict, out: Path) -> list:
@@ -236,18 +203,17 @@ async def main(args) -> int:
         import json
 
         d = json.loads(saved.read_text())
-        if d.get("baseline") != "model":
-            print(f"{saved} predates the same-work baseline (its 'plain' is the score-only loop, now "
-                  "'plain-bare'); re-run the benchmark instead of re-rendering it", file=sys.stderr)
+        if d.get("baseline") != "model" or "plan" not in d:
+            print(f"{saved} predates the same-work baseline or the steady-window method (issue 17); re-run the "
+                  "benchmark instead of re-rendering it", file=sys.stderr)
             return 1
         ns = argparse.Namespace(**d["args"])
         ns.no_doc = args.no_doc
         sys.argv = d["argv"]
         prof = {k: tuple(v) for k, v in d["profile"].items()} if d["profile"] else None
-        report(d["results"], d["keys"], d["n"], ns, d["env"], d["size"], prof, d.get("checks", []))
+        report(d["results"], d["keys"], C.Plan(**d["plan"]), ns, d["env"], d["size"], prof, d.get("checks", []))
         return 0
-    n = args.records or (10_000 if args.quick else 100_000)
-    rounds = args.rounds
+    plan = C.make_plan(args)
     keys = args.systems.split(",") if args.systems else (QUICK if args.quick else DEFAULT)
     env = C.environment()
     workdir = C.OUT / "throughput"
@@ -257,36 +223,32 @@ async def main(args) -> int:
         bundle["lite"] = lite_bundle()
     input_topic = C.unique("tp-input")
     await C.create_topics({input_topic: args.partitions})
-    timeout = max(90.0, n / 1500)
-    results: dict[str, list[dict]] = {k: [] for k in keys}
     checks: list[str] = []
     try:
-        records = C.transactions(n, n_cards=args.cards, seed=42)
-        size = sum(len(v) for _, v in records) / n
-        secs = C.produce(input_topic, records)
-        del records
-        print(f"input: {n} records of {size:.0f} bytes avg, {args.partitions} partitions, {args.cards} cards "
-              f"(produced in {secs:.1f}s)")
-        for r in range(rounds):
-            for key in keys:
-                res = await run_one(key, input_topic=input_topic, n=n, partitions=args.partitions, bundle=bundle,
-                                    workdir=workdir, timeout=timeout)
-                results[key].append(res)
-                print(f"round {r + 1}/{rounds} {key:11s} steady {res['steady']:9,.0f} rec/s   from start "
-                      f"{res['e2e']:9,.0f} rec/s   startup {res['startup_s']:.1f}s   "
-                      f"CPU {res['cpu_per_100k']:.1f}s/100k", flush=True)
-            ok = check_same_outputs(results, keys, r + 1)
+        made = C.produce_stream(input_topic, plan.records, n_cards=args.cards, seed=42)
+        size = made["bytes_per_record"]
+        print(f"input: {plan.records:,} records of {size:.0f} bytes avg, {args.partitions} partitions, {args.cards} "
+              f"cards (produced in {made['seconds']:.1f}s); {plan.describe()}")
+
+        async def run(key: str, _round: int) -> dict:
+            return await run_one(key, input_topic=input_topic, plan=plan, partitions=args.partitions, bundle=bundle,
+                                 workdir=workdir)
+
+        def after_round(r: int, last: dict) -> str | None:
+            ok = check_same_outputs(last, r + 1)
             if ok:
                 checks.append(ok)
-                print(f"  honesty check: {ok}", flush=True)
+            return ok
+
+        results = await C.interleaved(keys, plan, run, after_round=after_round)
         profile = None
         if args.profile:
             pdir = workdir / "profile"
             shutil.rmtree(pdir, ignore_errors=True)
             pdir.mkdir(parents=True)
             print("profiling failoverd exactly-once (subprocess worker) with py-spy ...", flush=True)
-            await run_one("eos-sub", input_topic=input_topic, n=n, partitions=args.partitions, bundle=bundle,
-                          workdir=workdir, timeout=timeout * 2, profile=pdir)
+            await run_one("eos-sub", input_topic=input_topic, plan=plan, partitions=args.partitions, bundle=bundle,
+                          workdir=workdir, profile=pdir)
             profile = {}
             for name in ("daemon", "worker"):
                 raw = pdir / f"{name}.txt"
@@ -294,70 +256,65 @@ async def main(args) -> int:
                     profile[name] = top_frames(raw)
     finally:
         await C.delete_topics([input_topic])
+    import dataclasses
     import json
 
     env["commit_end"] = C.environment()["commit"]  # the engine may change while a long run goes on
     if args.no_doc:  # a diagnostic run must not replace the results behind the doc (--report-only)
         saved = saved.with_name("results-nodoc.json")
-    saved.write_text(json.dumps({"args": vars(args), "argv": sys.argv, "results": results, "keys": keys, "n": n,
-                                 "env": env, "size": size, "profile": profile, "baseline": "model",
-                                 "checks": checks}, indent=1))
-    report(results, keys, n, args, env, size, profile, checks)
+    saved.write_text(json.dumps({"args": vars(args), "argv": sys.argv, "results": results, "keys": keys,
+                                 "plan": dataclasses.asdict(plan), "env": env, "size": size, "profile": profile,
+                                 "baseline": "model", "checks": checks}, indent=1))
+    report(results, keys, plan, args, env, size, profile, checks)
     return 0
 
 
-def report(results, keys, n, args, env, size, profile, checks=()) -> None:
-    def median(key: str, field: str) -> float:
+def report(results, keys, plan: C.Plan, args, env, size, profile, checks=()) -> None:
+    def median(key: str, field: str = "rate") -> float:
         return C.stats([r[field] for r in results.get(key, [])])["median"] if key in results else float("nan")
 
-    def ratio(x: float, y: float) -> str:
-        return f"{x / y:.2f}" if x == x and y == y else "—"
+    def per_round(field: str, other: str):
+        return lambda _k, rs: (C.ratio_text(C.stats([a[field] / b[field] for a, b in zip(rs, results[other])]))
+                           if other in results else "—")
 
-    base, base_e2e, floor = median(BASE, "steady"), median(BASE, "e2e"), median(FLOOR, "steady")
-    rows = []
-    for k in keys:
-        s = C.stats([r["steady"] for r in results[k]])
-        e = C.stats([r["e2e"] for r in results[k]])
-        cpu = C.stats([r["cpu_per_100k"] for r in results[k]])
-        # ratio per round (same round = closest in time), then the median of those
-        ratios = [a["steady"] / b["steady"] for a, b in zip(results[k], results.get(BASE, []))]
-        rows.append([SYSTEMS[k]["label"], C.fmt_rate(s["median"]), C.fmt_rate(s["min"]), C.fmt_rate(s["max"]),
-                     ratio(s["median"], base),
-                     f"{C.stats(ratios)['median']:.2f}" if ratios else "—",
-                     ratio(s["median"], floor),
-                     C.fmt_rate(e["median"]), ratio(e["median"], base_e2e),
-                     f"{cpu['median']:.1f}"])
-    headers = ["system", "steady rec/s median", "min", "max", "ratio to plain, same work (medians)",
-               "ratio to plain, same work (median of per-round)", "ratio to plain-bare, floor (medians)",
-               "from-start rec/s median", "from-start ratio to plain", "CPU s / 100k records"]
-    table = C.md_table(headers, rows)
+    table = C.rate_table(results, keys, lambda k: SYSTEMS[k]["label"], ref=BASE, ref_name="plain, same work", extra=(
+        ("ratio to plain-bare, floor: median of per-round (min–max)", per_round("rate", FLOOR)),
+        ("from-start rec/s median", lambda _k, rs: C.fmt_rate(C.stats([r["e2e"] for r in rs])["median"])),
+        ("from-start ratio to plain (per-round)", per_round("e2e", BASE)),
+        ("CPU s / 100k records", C.median_of("cpu_per_100k"))))
     print()
     print(table)
-    eos = median("eos-sub", "steady") if "eos-sub" in results else None
+    base, floor = median(BASE), median(FLOOR)
     verdict = ""
-    if eos is not None and base == base:
-        met = eos / base >= 1.0
+    if "eos-sub" in results and BASE in results:
+        eos = median("eos-sub")
+        st = C.ratio_stats(results, "eos-sub", BASE)
+        met = st["median"] >= 1.0
         verdict = (f"**Target (issue 4): exactly-once with 100 ms checkpoints at no less than the plain loop's rate "
                    f"— {'MET' if met else 'NOT MET'}**: failoverd exactly-once (subprocess worker, the default) "
-                   f"runs at {eos / base:.2f}× the plain loop doing the same work ({C.fmt_rate(eos)} vs "
-                   f"{C.fmt_rate(base)} rec/s, medians of {args.rounds} interleaved rounds).")
+                   f"runs at {st['median']:.2f}× the plain loop doing the same work (per-round {st['min']:.2f}–"
+                   f"{st['max']:.2f}; medians {C.fmt_rate(eos)} vs {C.fmt_rate(base)} rec/s, {plan.rounds} interleaved "
+                   "rounds).")
         if floor == floor:
+            fl = C.ratio_stats(results, "eos-sub", FLOOR)
             verdict += (f" Against the bare floor (plain-bare: decode, score, encode; no state, no validation) "
-                        f"it runs at {eos / floor:.2f}× ({C.fmt_rate(eos)} vs {C.fmt_rate(floor)} rec/s).")
+                        f"it runs at {fl['median']:.2f}× ({C.fmt_rate(eos)} vs {C.fmt_rate(floor)} rec/s).")
         print("\n" + verdict)
+    for line in C.short_windows(results, plan):
+        print(f"WARNING: {line}")
     check_line = ""
     if checks:
         check_line = (f"- honesty check: in every round the output of `plain` and of every failoverd system held the "
-                      f"same values in the same order in every output partition (sha256 per partition, read with "
-                      f"read_committed): {len(checks)} of {args.rounds} rounds checked, all identical.")
+                      f"same values in the same order in every output partition, record by record over the part both "
+                      f"produced (64-bit hashes of the values, read with read_committed): {len(checks)} of "
+                      f"{plan.rounds} rounds checked, all identical.")
         print("\n" + check_line[2:])
-    body = ["## Throughput (issue 4)\n",
-            f"Command: `{C.command_line()}`\n",
-            C.env_block(env),
-            f"- workload: {n:,} JSON card transactions (avg {size:.0f} bytes, {args.cards:,} cards, key = card) in one "
-            f"topic with {args.partitions} partitions, produced once; every run reads all of it from offset 0 into a "
-            f"fresh output topic ({args.partitions} partitions) with a fresh consumer group; {args.rounds} interleaved "
-            f"rounds of {', '.join(keys)}.",
+    body = [*C.section_head("## Throughput (issue 4)\n", env),
+            f"- workload: an input of {plan.records:,} JSON card transactions (avg {size:.0f} bytes, {args.cards:,} "
+            f"cards, key = card) in one topic with {args.partitions} partitions, produced once; every run reads it from "
+            f"offset 0 into a fresh output topic ({args.partitions} partitions) with a fresh consumer group; "
+            f"{plan.rounds} interleaved rounds of {', '.join(keys)}.",
+            C.method_md(plan),
             "- failoverd: the real daemon subprocess (`python -m daemon run --config ... --active-bundle "
             "fraud-scorer-1.0.0.fdb`), checkpoint.interval_ms=100, interval_records=10000 (default), "
             "max_batch_records=1000 (default); per-card state (count, mean), JSON-Schema validation of input and "
@@ -377,11 +334,12 @@ def report(results, keys, n, args, env, size, profile, checks=()) -> None:
             "merchant risk, log1p(amount)) → encode → produce; no state, no validation (its outputs lack count and "
             "mean_amount), no transactions, no headers; same commit cadence. This was the baseline before it was "
             "made to do the same work.",
-            "- end of a run = the group's committed input offsets reach N (offsets are committed with, or after, "
-            "the outputs); then the output topic is read back with read_committed and must hold exactly N records "
-            "(it did, in every run). *steady* = records after the first commit ÷ (last − first commit time): the "
-            "data path. *from start* = N ÷ (last commit − process spawn): adds interpreter start, model load, "
-            "group join and producer initialisation (failoverd: one transactional producer per partition).",
+            "- end of a run = its steady window (above) or the end of the input; then the process is stopped "
+            "(SIGTERM) and the output topic read back with read_committed: exactly-once runs must hold exactly one "
+            "output per committed input, at-least-once ones at least that many, no dead letters (it held, in every "
+            "run). *from start* = inputs committed ÷ (end of the window − process spawn): adds interpreter start, "
+            "model load, group join and producer initialisation (failoverd: one transactional producer per "
+            "partition).",
             "- CPU = user+system seconds of the process tree (daemon + model worker) per 100k records; the "
             "broker's CPU is not included.",
             *([check_line] if check_line else []),
@@ -389,12 +347,7 @@ def report(results, keys, n, args, env, size, profile, checks=()) -> None:
             table, ""]
     if verdict:
         body.append(verdict + "\n")
-    per_round = ["| round | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for i in range(args.rounds):
-        per_round.append(f"| {i + 1} | " + " | ".join(C.fmt_rate(results[k][i]["steady"]) if i < len(results[k])
-                                                      else "—" for k in keys) + " |")
-    body.append("Steady rec/s of every run, in run order (each row is one interleaved round):\n")
-    body.append("\n".join(per_round) + "\n")
+    body.append(C.per_round_md(results, keys))
     if profile:
         body.append(profile_md(profile))
     C.publish_section("throughput", body, THROUGHPUT_NOTES, write=not args.no_doc)
@@ -421,14 +374,9 @@ def profile_md(profile: dict) -> str:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10k records (about 1.5 minutes)")
-    ap.add_argument("--records", type=int, default=0, help="input records (default 100000, --quick 10000)")
-    ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--cards", type=int, default=10_000, help="distinct keys (cards)")
-    ap.add_argument("--rounds", type=int, default=3)
+    C.add_method_args(ap, rate_ceiling=RATE_CEILING, input_args=True)
     ap.add_argument("--systems", default="", help=f"comma-separated subset of {','.join(SYSTEMS)}")
     ap.add_argument("--profile", action="store_true", help="after the rounds, py-spy one exactly-once run")
-    ap.add_argument("--no-doc", action="store_true", help="print only; do not rewrite docs/BENCHMARKS.md")
     ap.add_argument("--report-only", action="store_true",
                     help="re-render the table and doc section from the last run's bench/out/throughput/results.json")
     sys.exit(asyncio.run(main(ap.parse_args())))
