@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help install system-deps demo ml-demo typecheck test test-unit kafka-up kafka-down kafka-status bench bench-failover bench-peers bench-deps clean
+.PHONY: help install system-deps demo ml-demo typecheck test test-unit kafka-up kafka-down kafka-status bench bench-quick bench-failover bench-peers bench-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -34,10 +34,13 @@ typecheck: $(STAMP)  ## type-check daemon/ with mypy (pyproject.toml [tool.mypy]
 	$(BIN)/mypy daemon
 
 # The system tools come first: `python3 -m venv` itself needs Debian's python3-venv.
+# Two parts: the tests not marked serial on two workers, then the serial ones (they restart or kill
+# the broker the others share; tests/conftest.py).
 test: system-deps $(STAMP)  ## type-check, then run the whole test suite against the local broker (installs tools, starts it)
 	$(MAKE) --no-print-directory typecheck
 	$(BIN)/failoverd kafka up
-	$(BIN)/python -m pytest tests --durations=25
+	$(BIN)/python -m pytest tests -m "not serial" -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest tests -m serial --durations=10
 
 test-unit: system-deps $(STAMP)  ## unit tests only (no broker)
 	$(BIN)/python -m pytest tests -m "not integration" --durations=25
@@ -54,9 +57,17 @@ kafka-status: $(STAMP)  ## is the local broker up, and where
 bench-deps: $(STAMP)
 	$(BIN)/pip install -q -e '.[test,bench]'
 
-bench: bench-deps  ## throughput vs a plain aiokafka loop (docs/BENCHMARKS.md; --quick for ~1 min)
+# Every throughput table of docs/BENCHMARKS.md (bench/run_all.py): 30 s steady windows, 3 interleaved
+# rounds per script. The schema registry is for bench/formats.py (Avro).
+bench: bench-deps  ## every throughput table, 30 s windows x 3 rounds (~2.5 h; rewrites docs/BENCHMARKS.md)
 	$(BIN)/failoverd kafka up
-	$(BIN)/python bench/throughput.py
+	$(BIN)/failoverd schema-registry up
+	$(BIN)/python bench/run_all.py
+
+bench-quick: bench-deps  ## every throughput table with --quick: small windows, 1 round (~15 min; review only, no doc)
+	$(BIN)/failoverd kafka up
+	$(BIN)/failoverd schema-registry up
+	$(BIN)/python bench/run_all.py --quick
 
 bench-failover: bench-deps  ## failover time per standby mode vs a rebalance
 	$(BIN)/failoverd kafka up

@@ -3,13 +3,22 @@
 Integration tests (marked ``integration``) use a real single-node Kafka broker, started once
 per session through ``failoverd kafka up`` (reused when already up). Unit tests of pure
 logic request no broker and run without one.
+
+``make test`` runs the suite in two parts: every test not marked ``serial`` in parallel
+(pytest-xdist, two workers sharing the one broker: every test has topics, groups and
+transactional ids of its own), then the ``serial`` ones alone: those that kill the shared
+broker (test_local_broker.py). The chaos suite kills a broker of its own (tests/chaos/conftest.py),
+and the SASL_SSL broker is used by one file only (``--dist loadfile`` keeps it on one worker).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +27,27 @@ from tests import kafkatools
 
 ROOT = Path(__file__).resolve().parent.parent
 
+SERIAL_FILES = ("test_local_broker.py",)
+"""Test files that disturb what parallel tests share (see the module docstring)."""
+
+
+@contextlib.contextmanager
+def _one_at_a_time(name: str) -> Iterator[None]:
+    """Parallel test workers start a shared broker one at a time (the second finds it up)."""
+    lock = ROOT / ".local" / f"{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
     """Bootstrap address of the local broker; starts it through the same command users run."""
     port = os.environ.get("FAILOVERD_TEST_KAFKA_PORT") or os.environ.get("FAILOVERD_KAFKA_PORT") or "9092"
-    proc = subprocess.run([sys.executable, "-m", "daemon", "kafka", "up", "--port", port],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    with _one_at_a_time(f"kafka-up-{port}"):
+        proc = subprocess.run([sys.executable, "-m", "daemon", "kafka", "up", "--port", port],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"local Kafka broker did not start:\n{proc.stdout}\n{proc.stderr}")
     return f"127.0.0.1:{port}"
@@ -80,6 +103,8 @@ def unique_name(request):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = str(item.fspath)
+        if os.path.basename(path) in SERIAL_FILES:
+            item.add_marker(pytest.mark.serial)
         if f"{os.sep}integration{os.sep}" in path:
             item.add_marker(pytest.mark.integration)
         if f"{os.sep}chaos{os.sep}" in path:

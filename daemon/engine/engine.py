@@ -201,10 +201,16 @@ class Engine(ControlSurface):
         self._watch_active()  # a model process that exited since the last turn is a failure now
         if self._pending_failure is not None and not self._paused:
             exc, self._pending_failure = self._pending_failure, None
-            # a worker found dead while a batch was in flight died on that batch
-            failing = self.pipeline.oldest() if isinstance(exc, PROCESS_DEATHS) else None
+            if isinstance(exc, PROCESS_DEATHS) and self.pipeline.inflight:
+                # A worker found dead (its exit, watched) with batches in flight: the answers it
+                # sent before it died still count, and the batch it died on is the first one it
+                # left unanswered, which _guard blames (crash isolation probes that batch's records).
+                dead = self._active
+                await self._guard(self.pipeline.drain())
+                if self._active is not dead or self._paused or self.stopping.is_set():
+                    return  # handled there
             await self.pipeline.discard()
-            await self._release_failed(exc, failing)
+            await self._release_failed(exc, None)  # it died between batches: no batch to blame
             return
         if data and self._paused:
             self.assignment.unfetch(data)  # fetched before the pause took hold: read again on resume
