@@ -129,7 +129,15 @@ class Assignment:
         restoring[tp] = -1
         m.init_partition_labels(tp.topic, tp.partition)
         producer = await self.clients.transactional_producer(tp, self.batch_bytes) if self.eos else None
-        store = StateStore(store_path(self.state_dir, tp))
+        try:
+            # on a thread: SQLite's open (WAL switch, CREATE TABLE) takes ~10 ms on a busy disk, and
+            # the partitions of an assignment open together: 256 of them on the event loop held it
+            # (and the group's heartbeat) for seconds, long enough to be expelled from the group
+            store = await asyncio.to_thread(StateStore, store_path(self.state_dir, tp))
+        except BaseException:
+            if producer is not None:
+                await producer.stop()  # it used to be left running when the store could not open
+            raise
         try:
             await self.restorer.restore(tp, store)
             committed = await self.consumer.committed(tp)

@@ -331,13 +331,19 @@ async def test_chaos_100k_records_every_fault_exactly_once(kafka_bootstrap, brok
         problems.append(f"only {len(inputs)} inputs in the topic")
     if sorted(chaos.injected) != sorted(kind for _, kind in plan):
         problems.append(f"injected {chaos.injected}, planned {plan}")
-    # nothing valid was dead-lettered by the chaos: only v2's invalid outputs may be
+    # nothing valid was dead-lettered by the chaos: only v2's invalid outputs may be, and the
+    # raise_all record itself when it was alone in its predict call (the last wave of its batch:
+    # a card's later records go to later waves). It breaks v2 *from that record on*, so alone it
+    # fails on its own exactly as a poison record does, and is dead-lettered (model_exception)
+    # before every later batch fails and the exception rate fails v2 over: the two cannot be told
+    # apart, and either way the record is accounted for once.
     reasons = collections.Counter(H.as_dict(r.headers)[H.H_DLQ_REASON].decode() for r in dead)
-    if set(reasons) - {"output_schema"}:
-        problems.append(f"unexpected dead letters: {dict(reasons)}")
+    allowed = {("bad_output", "output_schema"), ("raise_all", "model_exception")}
     for r in dead:
-        if orjson.loads(r.value).get("fault") != "bad_output":
-            problems.append(f"dead letter of a record without fault=bad_output: {r.value[:200]!r}")
+        why = (orjson.loads(r.value).get("fault"), H.as_dict(r.headers)[H.H_DLQ_REASON].decode())
+        if why not in allowed:
+            problems.append(f"unexpected dead letters: {dict(reasons)}; e.g. (fault, reason) = {why}: "
+                            f"{r.value[:200]!r}")
             break
     # a record that kills, hangs or fails v2 can only have been answered by v1
     by_pos = {streams.source_position(r): r for r in outputs}

@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
 from daemon.engine import headers as H
@@ -221,6 +222,10 @@ class Run:
         await admin.start()
         try:
             got = await admin.list_consumer_group_offsets(self.group)
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            return {}  # the group's coordinator is loading or moving: nothing committed to read yet
         finally:
             await admin.close()
         return {tp.partition: om.offset for tp, om in got.items() if tp.topic == self.names["input"]}
