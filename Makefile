@@ -39,7 +39,7 @@ typecheck: $(STAMP)  ## type-check daemon/ with mypy (pyproject.toml [tool.mypy]
 test: system-deps $(STAMP)  ## type-check, then run the whole test suite against the local broker (installs tools, starts it)
 	$(MAKE) --no-print-directory typecheck
 	$(BIN)/failoverd kafka up
-	$(BIN)/python -m pytest tests -m "not serial" -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest tests -m "not serial" -n 2 --dist loadgroup --durations=25
 	$(BIN)/python -m pytest tests -m serial --durations=10
 
 test-unit: system-deps $(STAMP)  ## unit tests only (no broker)

@@ -7,8 +7,8 @@ logic request no broker and run without one.
 ``make test`` runs the suite in two parts: every test not marked ``serial`` in parallel
 (pytest-xdist, two workers sharing the one broker: every test has topics, groups and
 transactional ids of its own), then the ``serial`` ones alone: those that kill the shared
-broker (test_local_broker.py). The chaos suite kills a broker of its own (tests/chaos/conftest.py),
-and the SASL_SSL broker is used by one file only (``--dist loadfile`` keeps it on one worker).
+broker (test_local_broker.py). The chaos suite kills a broker of its own (tests/chaos/conftest.py);
+its tests, and those of the SASL_SSL broker, each stay on one worker (``xdist_group``).
 """
 
 from __future__ import annotations
@@ -105,6 +105,13 @@ def pytest_collection_modifyitems(config, items):
         path = str(item.fspath)
         if os.path.basename(path) in SERIAL_FILES:
             item.add_marker(pytest.mark.serial)
+        # make test: `--dist loadgroup` spreads tests one by one over the workers, except these
+        # groups, each kept on one worker: a session broker of their own that the worker which
+        # started it stops at the end of its session (the chaos broker, the SASL_SSL broker)
+        if f"{os.sep}chaos{os.sep}" in path:
+            item.add_marker(pytest.mark.xdist_group("chaos-broker"))
+        elif "kafka_secure" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("secure-broker"))
         if f"{os.sep}integration{os.sep}" in path:
             item.add_marker(pytest.mark.integration)
         if f"{os.sep}chaos{os.sep}" in path:
