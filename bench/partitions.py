@@ -17,7 +17,8 @@ one with 4 partitions, one with --many (256) partitions. Systems, run interleave
   alo-p4     failoverd at-least-once (checkpoint.exactly_once = false), 4 partitions      -> target 6
   eos-p256   failoverd exactly-once, 256 input partitions (output and changelog as many)  -> target 3
   (experiments, not run by default: eos-p4-h16, eos-p256-h16 with Pipeline.MAX_HELD = 16;
-  eos-p256-st with the partition stores opened on threads; eos-p256-i1s with 1 s checkpoints)
+  eos-p256-i1s with 1 s checkpoints. The eos-p256-st experiment of bench/partitions_notes.md,
+  partition stores opened on threads, is what the daemon does since a6b050c)
 
 Per run, besides the steady rate over the window (bench/common.py's method):
   startup    process spawn -> the group's first commit of input offsets (target 3: <= 5 s at 256)
@@ -67,9 +68,6 @@ SYSTEMS = {
     # operating guidance: 1 s checkpoints at 256 partitions (10x fewer transactions per partition)
     "eos-p256-i1s": {"label": "exactly-once, 256 partitions, checkpoint.interval_ms = 1000", "eos": True,
                      "parts": "many", "interval_ms": 1000},
-    # experiment (bench/tuned_daemon.py): partition stores opened on threads (start-up at 256 partitions)
-    "eos-p256-st": {"label": "experiment: exactly-once, 256 partitions, stores opened on threads", "eos": True,
-                    "parts": "many", "store_threads": True},
 }
 RATE_CEILING = 110_000  # rec/s: at-least-once measured ~100k on this machine; sizes the input
 WINDOW_S, QUICK_WINDOW_S = 25.0, 5.0
@@ -179,8 +177,6 @@ async def start_daemon(key: str, topic: str, parts: int, workdir: Path, bundle: 
     env = {}
     if spec.get("held"):
         env["FAILOVERD_BENCH_MAX_HELD"] = str(spec["held"])
-    if spec.get("store_threads"):
-        env["FAILOVERD_BENCH_STORE_THREADS"] = "1"
     if env:
         i = argv.index("-m")
         argv[i:i + 2] = [str(C.BENCH / "tuned_daemon.py")]

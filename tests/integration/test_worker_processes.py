@@ -17,11 +17,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon.engine import headers as H
 from daemon.engine.pool import member_of
 from tests import kafkatools, streams
 from tests.daemonproc import DaemonProc, make_topics, write_config
 from tests.hostile import harness
+from tests.integration.test_failover import assert_switched_once, release_of
 
 MODEL = '''\
 """Counts records per card; says which process answered. A little numpy-free work per record."""
@@ -44,23 +44,6 @@ class Model:
 '''
 
 TOTAL = 6000
-
-
-def release_of(record) -> str:
-    return H.as_dict(record.headers)[H.H_RELEASE_VERSION].decode()
-
-
-def assert_switched_once(outputs: list, *, before: str, after: str) -> None:
-    """Per partition in source order: the failed release's outputs, then only the standby's; both seen."""
-    by_part = collections.defaultdict(list)
-    for r in outputs:
-        part, off = streams.source_position(r)
-        by_part[part].append((off, release_of(r)))
-    for part, seq in by_part.items():
-        versions = [v for _, v in sorted(seq)]
-        switch = versions.index(after) if after in versions else len(versions)
-        assert set(versions[:switch]) <= {before} and set(versions[switch:]) <= {after}, (part, versions[:40])
-    assert {release_of(r) for r in outputs} == {before, after}
 
 
 def pgrep(pattern: str) -> list[int]:
