@@ -105,13 +105,10 @@ def pytest_collection_modifyitems(config, items):
         path = str(item.fspath)
         if os.path.basename(path) in SERIAL_FILES:
             item.add_marker(pytest.mark.serial)
-        # make test: `--dist loadgroup` spreads tests one by one over the workers, except these
-        # groups, each kept on one worker: a session broker of their own that the worker which
-        # started it stops at the end of its session (the chaos broker, the SASL_SSL broker)
-        if f"{os.sep}chaos{os.sep}" in path:
-            item.add_marker(pytest.mark.xdist_group("chaos-broker"))
-        elif "kafka_secure" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("secure-broker"))
+        # make test: `--dist loadgroup` spreads tests one by one over the workers, except the
+        # modules marked xdist_group (tests/chaos, test_secure_kafka.py: a session broker of their
+        # own, which the worker that started it stops at the end of its session). The mark is
+        # module-level there: pytest-xdist reads it before this hook runs.
         if f"{os.sep}integration{os.sep}" in path:
             item.add_marker(pytest.mark.integration)
         if f"{os.sep}chaos{os.sep}" in path:

@@ -21,6 +21,8 @@ from daemon.kafka_local import SECURE_PASSWORD, SECURE_USER, unsecured_token
 from tests import kafkatools, streams
 from tests.daemonproc import DaemonProc, write_config
 
+pytestmark = pytest.mark.xdist_group("secure-broker")  # its own broker: one worker (tests/conftest.py)
+
 
 def kafka_section(broker, tmp_path: Path, mechanism: str, **extra) -> dict:
     """A [kafka] section for the secure broker, the password in a file as in production."""
