@@ -299,7 +299,8 @@ class ControlSurface:
         rel = self._active
         code = rel.worker.returncode if rel is not None else None
         if rel is not None and code is not None and self._pending_failure is None and not self._paused:
-            rel.worker.dead = True
+            # not marked dead yet: answers it wrote before it exited are still in the pipe, and the
+            # batches waiting for them read them (engine._turn drains before it blames a batch)
             self._pending_failure = WorkerCrashed(f"{rel.channel} worker (pid {rel.worker.pid}) exited with code "
                                                   f"{code} between batches")
 

@@ -210,6 +210,8 @@ class Engine(ControlSurface):
                 if self._active is not dead or self._paused or self.stopping.is_set():
                     return  # handled there
             await self.pipeline.discard()
+            if isinstance(exc, PROCESS_DEATHS) and self._active is not None:
+                self._active.worker.dead = True  # exited: never sent another request
             await self._release_failed(exc, None)  # it died between batches: no batch to blame
             return
         if data and self._paused:
