@@ -47,8 +47,11 @@ async def read_committed(bootstrap: str, topic: str, *, expect: int | None = Non
                          idle: float = 1.5) -> list:
     """Read every committed record of ``topic`` from the start with ``isolation_level=read_committed``.
 
-    With ``expect``, returns once that many were read (or raises on the deadline); without it,
-    returns after ``idle`` seconds without a new record and the end offsets reached.
+    With ``expect``, returns once that many were read (or raises on the deadline). Without it, returns
+    once every partition is read to its high watermark (so no transaction is open on it: under
+    read_committed the position cannot pass an open transaction's first record), or after ``idle``
+    seconds without a new record with the last stable offsets reached (a transaction left open by a
+    killed producer holds the high watermark ahead until the broker aborts it).
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 isolation_level="read_committed", auto_offset_reset="earliest")
@@ -76,6 +79,8 @@ async def read_committed(bootstrap: str, topic: str, *, expect: int | None = Non
                 last_new = time.monotonic()
             if expect is not None and len(out) >= expect:
                 return out
+            if expect is None and await _at_high_watermarks(consumer, tps):
+                return out
             if expect is None and time.monotonic() - last_new > idle:
                 end = await consumer.end_offsets(tps)
                 positions = [await consumer.position(tp) for tp in tps]
@@ -86,6 +91,16 @@ async def read_committed(bootstrap: str, topic: str, *, expect: int | None = Non
         return out
     finally:
         await consumer.stop()
+
+
+async def _at_high_watermarks(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> bool:
+    """Every partition read to the high watermark of its last fetch response: everything written
+    to it is read and no transaction on it is still open."""
+    for tp in tps:
+        hw = consumer.highwater(tp)
+        if hw is None or await consumer.position(tp) < hw:
+            return False
+    return True
 
 
 async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
