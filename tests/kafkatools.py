@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 
 def unique(prefix: str = "t") -> str:
@@ -24,6 +25,36 @@ async def create_topics(bootstrap: str, topics: dict[str, int], configs: dict[st
         ])
     finally:
         await admin.close()
+
+
+async def delete_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> None:
+    """Delete ``topic`` and wait until the broker no longer lists it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+
+        async def gone() -> bool:
+            return topic not in await admin.list_topics()
+
+        await wait_for(gone, timeout=timeout, interval=0.2, what=f"topic {topic} deleted")
+    finally:
+        await admin.close()
+
+
+async def group_committed(bootstrap: str, group: str, topic: str) -> int:
+    """The sum of ``group``'s committed offsets on ``topic`` (0 while its coordinator is not ready)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        got = await admin.list_consumer_group_offsets(group)
+    except KafkaError as exc:
+        if not exc.retriable:
+            raise
+        return 0
+    finally:
+        await admin.close()
+    return sum(om.offset for tp, om in got.items() if tp.topic == topic and om.offset >= 0)
 
 
 async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]] | Iterable,

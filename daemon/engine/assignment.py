@@ -207,15 +207,20 @@ class Assignment:
         self.parts.pop(p.tp, None)
         try:
             if p.producer is not None:
-                await p.producer.stop()
+                # bounded: stop() flushes, and a batch the broker keeps refusing with a retriable
+                # error is retried for ever by an idempotent producer; the next owner's
+                # InitProducerId fences it
+                await asyncio.wait_for(p.producer.stop(), 5.0)
         except Exception:  # noqa: BLE001
             pass
         p.store.close()
         if p.tp in self.consumer.assignment():
-            delay = self.session_timeout_ms / 1000 + 2
-            loop = asyncio.get_running_loop()
-            tp = p.tp
-            self._reopen_timers[tp] = loop.call_later(delay, lambda: loop.create_task(self._reopen(tp)))
+            self._reopen_later(p.tp)
+
+    def _reopen_later(self, tp: TopicPartition) -> None:
+        delay = self.session_timeout_ms / 1000 + 2
+        loop = asyncio.get_running_loop()
+        self._reopen_timers[tp] = loop.call_later(delay, lambda: loop.create_task(self._reopen(tp)))
 
     def cancel_reopens(self) -> None:
         for timer in self._reopen_timers.values():
@@ -229,8 +234,10 @@ class Assignment:
                 return
             try:
                 self.parts[tp] = await self.open(tp)
-            except Exception as err:  # noqa: BLE001 - the next rebalance assigns it again
-                log.error("could not re-open a fenced partition", extra={"error": repr(err)})
+            except Exception as err:  # noqa: BLE001 - e.g. its old transaction cannot be aborted yet
+                log.error("could not re-open a fenced partition; trying again later",
+                          extra={"partition": f"{tp.topic}:{tp.partition}", "error": repr(err)})
+                self._reopen_later(tp)  # until it opens or a rebalance decides (take cancels this)
                 return
             if not self.is_paused():
                 self.consumer.resume(tp)

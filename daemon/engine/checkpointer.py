@@ -30,7 +30,7 @@ import time
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError, ProducerFenced, RecordListTooLargeError
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, ProducerFenced, RecordListTooLargeError
 
 from daemon import metrics as m
 from daemon.engine import headers as H
@@ -78,6 +78,25 @@ class Outcome:
         return any(isinstance(exc, (MessageSizeTooLargeError, RecordListTooLargeError)) for _, exc in self.failures)
 
 
+class WriteTimeout(KafkaTimeoutError):  # type: ignore[misc]  # aiokafka is untyped
+    """Writes of an interval not acknowledged in time: its checkpoint fails, the interval replays."""
+
+
+async def acknowledged(futures: list[asyncio.Future[Any]], timeout: float | None = None) -> None:
+    """Wait until every write of ``futures`` is acknowledged; raise the first refusal, or
+    :class:`WriteTimeout` when some are still unanswered after ``timeout`` seconds. Unlike gather,
+    a timeout or a cancellation leaves the futures alone: the producer resolves them."""
+    if not futures:
+        return
+    _, pending = await asyncio.wait(futures, timeout=timeout)
+    if pending:
+        m.WRITES_REFUSED.inc()
+        raise WriteTimeout(f"{len(pending)} of {len(futures)} writes not acknowledged within {timeout:.0f}s "
+                           "(kafka.request_timeout_ms): the broker keeps refusing them or does not answer")
+    for fut in futures:
+        fut.result()  # the first refusal, as gather would raise it
+
+
 class _Commit:
     """What one partition's checkpoint commits, taken when the interval closed."""
 
@@ -93,8 +112,11 @@ _Results = tuple[list[BaseException | None], list[tuple[Partition, BaseException
 
 class Checkpointer:
     def __init__(self, clients: EngineClients, assignment: Assignment, *, eos: bool, group: str, changelog: str,
-                 checkpoint_topic: str, instance_id: str) -> None:
+                 checkpoint_topic: str, instance_id: str, write_timeout: float = 40.0) -> None:
         self.clients = clients
+        self.write_timeout = write_timeout
+        """Seconds the interval's writes may take to be acknowledged (kafka.request_timeout_ms): an
+        idempotent producer retries a retriable refusal (NOT_ENOUGH_REPLICAS, say) for ever."""
         self.assignment = assignment
         self.eos = eos
         self.group = group
@@ -136,8 +158,8 @@ class Checkpointer:
             store_errors: list[tuple[Partition, BaseException]] = []
             results: list[BaseException | None]
             if self.eos:
-                results = list(await asyncio.gather(*(self._commit_eos(c, release_info, store_errors) for c in snaps),
-                                                    return_exceptions=True))
+                results = list(await asyncio.gather(*(self._bounded(self._commit_eos(c, release_info, store_errors), c)
+                                                      for c in snaps), return_exceptions=True))
             else:
                 results = await self._commit_alo(snaps, futures, store_errors)
             return results, store_errors, time.monotonic() - t0
@@ -173,6 +195,20 @@ class Checkpointer:
             self._inflight[0].cancel()
             self._inflight = None
 
+    async def _bounded(self, commit: Any, c: _Commit) -> None:
+        """One partition's commit within ``write_timeout``: a write, or the partition's joining the
+        transaction (AddPartitionsToTxn), that the broker refuses with a retriable error (a topic
+        deleted, too few in-sync replicas) is retried for ever by the producer. Past the deadline the
+        checkpoint fails; the engine aborts the transaction (or drops the partition when it cannot)
+        and replays the interval."""
+        try:
+            await asyncio.wait_for(commit, self.write_timeout)
+        except asyncio.TimeoutError:
+            m.WRITES_REFUSED.inc()
+            raise WriteTimeout(f"checkpoint of {c.p.tp.topic}:{c.p.tp.partition} not acknowledged within "
+                               f"{self.write_timeout:.0f}s (kafka.request_timeout_ms): the broker keeps refusing a "
+                               "write or does not answer") from None
+
     # ---- the steps ----------------------------------------------------------------------------
     async def _send_changelog(self, producer: AIOKafkaProducer, p: Partition,
                               changes: dict[tuple[str, bytes], bytes | None], position: int) -> BatchSink | None:
@@ -207,7 +243,7 @@ class Checkpointer:
             records=c.records), key=record_key(self.group, p.tp.topic, p.tp.partition))
         await producer.send_offsets_to_transaction({p.tp: c.position}, self.group)  # 2.
         try:  # 3.
-            await asyncio.gather(*c.acks, written, *(sink.futures_of(producer) if sink is not None else ()))
+            await acknowledged([*c.acks, written, *(sink.futures_of(producer) if sink is not None else ())])
         except Exception:
             m.WRITES_REFUSED.inc()
             raise  # the checkpoint fails: the engine aborts and rewinds every partition
@@ -234,7 +270,7 @@ class Checkpointer:
         try:
             sinks = [await self._send_changelog(producer, c.p, c.changes, c.position) for c in snaps]
             positions = [await self._changelog_position(sink, c.p) for sink, c in zip(sinks, snaps)]
-            await asyncio.gather(*futures)  # every output and dead letter acknowledged ...
+            await acknowledged(futures, self.write_timeout)  # every output and dead letter acknowledged ...
             await consumer.commit({c.p.tp: c.position for c in snaps})  # ... before the offsets move
         except Exception as exc:  # noqa: BLE001
             return [exc] * len(snaps)

@@ -84,7 +84,8 @@ class Engine(ControlSurface):
                                      stopping=self.stopping, is_paused=lambda: self._paused)
         self.checkpointer = Checkpointer(self.clients, self.assignment, eos=self.eos, group=s.kafka.group_id,
                                          changelog=s.state.changelog_topic, checkpoint_topic=s.checkpoint.topic,
-                                         instance_id=self.instance_id)
+                                         instance_id=self.instance_id,
+                                         write_timeout=s.kafka.request_timeout_ms / 1000)
         self.output = Output(out_topic=s.output.topic, dlq_topic=s.dead_letter.topic,
                              changelog=s.state.changelog_topic, max_value=s.dead_letter.max_value_bytes)
         self.isolation = CrashIsolation(loader)
@@ -333,6 +334,7 @@ class Engine(ControlSurface):
         except KafkaError as exc:
             # producing failed (broker trouble, or fenced): nothing of the interval commits
             log.warning("producing a batch failed; rewinding to the last checkpoint", extra={"error": repr(exc)})
+            m.CHECKPOINT_ABORTS.labels("write_failed").inc()
             await self.pipeline.discard()
             await self.rewind_all()
         except ReleaseFailure as exc:

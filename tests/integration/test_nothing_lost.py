@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
+import orjson
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import TopicAlreadyExistsError
 
 from tests import kafkatools, streams
 from tests.daemonproc import DaemonProc, make_topics, write_config
@@ -54,6 +57,59 @@ async def test_a_write_the_broker_refuses_never_commits_its_interval(kafka_boots
     assert reasons == {b"output_oversized"}, reasons
     assert len(outputs) >= 1000 and len(dead) > 0
     assert "topic limits re-read" in d.log()
+
+
+async def test_an_output_topic_deleted_and_re_created_costs_no_input(kafka_bootstrap, tmp_path, example_bundles):
+    """The output topic is deleted under a running daemon: every write of the interval is refused
+    with a retriable error, which an idempotent producer retries for ever. Before: the checkpoint
+    waited on those writes for ever, silently. Now a write unanswered for kafka.request_timeout_ms
+    fails the checkpoint (failoverd_writes_refused_total), the interval replays, and once the topic
+    is back every input since the deletion comes out exactly once from the same daemon."""
+    names = await make_topics(kafka_bootstrap, "deleted", partitions=2)
+    cfg = write_config(tmp_path / "f.toml", bootstrap=kafka_bootstrap, names=names, state_dir=tmp_path / "s",
+                       group=(group := kafkatools.unique("g")), app=kafkatools.unique("app"),
+                       extra={"kafka": {"request_timeout_ms": 5000}})  # a refused write fails in 5 s, not 40
+    records = streams.transactions(1200, seed=33, n_cards=20)
+    d = DaemonProc(cfg, "--active-bundle", str(example_bundles["v1"]), log=tmp_path / "d.log").start()
+    try:
+        await kafkatools.produce(kafka_bootstrap, names["input"], records[:600])
+        await _run_until_done(kafka_bootstrap, names, 600, [d])
+        await kafkatools.delete_topic(kafka_bootstrap, names["output"])
+        await kafkatools.produce(kafka_bootstrap, names["input"], records[600:])
+
+        def refused() -> float:
+            d.check()
+            got = re.search(rb"\nfailoverd_writes_refused_total (\S+)", d.get("/metrics")[1])
+            return float(got.group(1)) if got else 0.0
+
+        await kafkatools.wait_for(refused, timeout=60, interval=0.5, what="failoverd_writes_refused_total > 0")
+        assert await kafkatools.group_committed(kafka_bootstrap, group, names["input"]) == 600
+        await kafkatools.wait_for(lambda: _re_create(kafka_bootstrap, names["output"]), timeout=30, interval=0.5,
+                                  what=f"topic {names['output']} re-created")
+        await kafkatools.wait_for(
+            lambda: d.check() and _equals(kafkatools.group_committed(kafka_bootstrap, group, names["input"]), 1200),
+            timeout=120, interval=0.5, what="every input committed")
+        assert d.terminate() == 0
+    finally:
+        if d.alive():
+            d.kill9()
+    inputs, outputs, dead = await streams.read_back(kafka_bootstrap, names)
+    after = {orjson.loads(v)["seq"] for _, v in records[600:]}
+    streams.assert_exactly_once({pos: v for pos, v in inputs.items() if orjson.loads(v)["seq"] in after}, outputs, dead)
+    assert len(outputs) == 600 and not dead, (len(outputs), len(dead))
+    assert "checkpoint failed" in d.log()
+
+
+async def _re_create(bootstrap: str, topic: str) -> bool:
+    try:
+        await kafkatools.create_topics(bootstrap, {topic: 2})
+    except TopicAlreadyExistsError:
+        return False  # the deletion is not done yet
+    return True
+
+
+async def _equals(value, expected) -> bool:
+    return (await value) == expected
 
 
 async def test_an_output_larger_than_the_topic_accepts_is_a_dead_letter(kafka_bootstrap, tmp_path, example_bundles):
