@@ -56,6 +56,7 @@ class KafkaSettings(Section):
     ssl_keyfile: str | None = key(None, path=True)
     ssl_password: str | None = key(None, secret=True)
     request_timeout_ms: int = key(40000, min=1)
+    metadata_max_age_ms: int = key(30000, min=1)
     # Credentials kept out of the file (daemon/kafka_auth.py): the password read from a file (a
     # mounted Secret) when the clients are built; an OAUTHBEARER token from a file (read at every
     # connection) or from a command's output (run again when the token nears its expiry).
@@ -165,6 +166,7 @@ class KafkaSettings(Section):
             "client_id": self.client_id,
             "security_protocol": self.security_protocol,
             "request_timeout_ms": self.request_timeout_ms,
+            "metadata_max_age_ms": self.metadata_max_age_ms,
         }
         if self.security_protocol.startswith("SASL_"):
             kwargs["sasl_mechanism"] = self.sasl_mechanism

@@ -27,6 +27,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
+from daemon import clients
 from daemon import metrics as m
 from daemon.engine import limits
 from daemon.engine import records as tolerant
@@ -42,7 +43,7 @@ from daemon.engine.pipeline import Batch, Pipeline
 from daemon.engine.release import LoadedRelease
 from daemon.engine.rescore import rescore
 from daemon.engine.restore import Restorer
-from daemon.errors import CheckpointFailed, ReleaseFailure
+from daemon.errors import CheckpointFailed, ConfigError, ReleaseFailure
 
 log = logging.getLogger("failoverd.engine")
 
@@ -92,6 +93,7 @@ class Engine(ControlSurface):
         self.pipeline = Pipeline(self.assignment, self.output, self.checkpointer, self.isolation, self.agreement,
                                  emit=lambda b: self._emit(b))
         self._exit_watch: tuple[Any, asyncio.Task[None]] | None = None
+        self._changelog_partitions = 0  # read at start, again when an input partition outgrows it
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -105,9 +107,11 @@ class Engine(ControlSurface):
         await self.clients.start(listener, self.output.limits.batch_bytes)
         try:
             parts = self.clients.partitions_of
+            inputs = {t: await parts(t) for t in s.inputs.topics}
             self.output.configure(out_partitions=await parts(s.output.topic),
-                                  dlq_partitions=await parts(s.dead_letter.topic),
-                                  input_partitions={t: await parts(t) for t in s.inputs.topics})
+                                  dlq_partitions=await parts(s.dead_letter.topic), input_partitions=inputs)
+            self._changelog_partitions = await parts(s.state.changelog_topic)
+            self._check_state_width(max(inputs.values()) - 1)
         except BaseException:
             await self.clients.discard()
             raise
@@ -308,11 +312,34 @@ class Engine(ControlSurface):
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self.lock:
             await self._settle()
+            await self._follow_input_widths(assigned)
             opened = await self.assignment.take(assigned, self._paused)
             self._note_release_start(opened)
             self.policy.reset()
             self.assigned_once.set()
             m.READY.set(1 if self.ready()[0] else 0)
+
+    async def _follow_input_widths(self, assigned: set[TopicPartition]) -> None:
+        """Partitions were added to an input topic (the group rebalanced onto them): outputs stop
+        keeping the input partition unless the output topic is as wide, and the changelog must be
+        at least as wide (input partition p keeps its state in changelog partition p)."""
+        consumer = self.assignment.consumer
+        widths = {t: len(consumer.partitions_for_topic(t) or ()) for t in self.s.inputs.topics}
+        self.output.set_input_partitions({t: n for t, n in widths.items() if n})
+        widest = max((tp.partition for tp in assigned), default=-1)
+        if widest >= self._changelog_partitions:
+            await clients.refresh_metadata(self.clients.restorer)  # partitions added to it meanwhile?
+            self._changelog_partitions = await self.clients.partitions_of(self.s.state.changelog_topic)
+        self._check_state_width(widest)
+
+    def _check_state_width(self, widest: int) -> None:
+        if widest >= self._changelog_partitions:
+            changelog = self.s.state.changelog_topic
+            raise ConfigError(
+                f"state.changelog_topic {changelog!r} has {self._changelog_partitions} partitions but input "
+                f"partition {widest} needs changelog partition {widest}: input partition p keeps its state in "
+                f"changelog partition p. Add partitions to {changelog!r} (its spec, then `failoverd topics apply`) "
+                "to at least the widest input topic's count")
 
     # ---- batches ------------------------------------------------------------------------------
     async def _feed(self, data: dict[TopicPartition, list[Any]]) -> None:

@@ -68,6 +68,10 @@ class Output:
         self._dlq_partitioner = Partitioner(dlq_partitions)
         self._input_parts = input_partitions
 
+    def set_input_partitions(self, input_partitions: dict[str, int]) -> None:
+        """The input topics' widths changed (partitions added): see :meth:`fixed_partition`."""
+        self._input_parts = {**self._input_parts, **input_partitions}
+
     def fixed_partition(self, p: Partition) -> int | None:
         """The output partition of all of ``p``'s records when the output topic is as wide as the
         input topic (keys stay where they were); None: Kafka's default key hash, per record."""

@@ -190,4 +190,11 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BrokenPipeError:
+        # the daemon closed the protocol channel (it stopped, or gave up on this worker): nobody is
+        # left to answer, which is not the model's error; no traceback in the daemon's log
+        if os.getpid() == os.getpgrp():
+            _kill_group()
+        os._exit(0)

@@ -320,13 +320,13 @@ def test_wrong_type_of_a_secret_is_masked_in_the_message(tmp_path):
 def test_client_kwargs_plaintext(tmp_path):
     kwargs = config.load(write(tmp_path, MINIMAL), env={}).kafka.client_kwargs()
     assert kwargs == {"bootstrap_servers": ["127.0.0.1:9092"], "client_id": "failoverd",
-                      "security_protocol": "PLAINTEXT", "request_timeout_ms": 40000}
+                      "security_protocol": "PLAINTEXT", "request_timeout_ms": 40000, "metadata_max_age_ms": 30000}
 
 
 def test_client_kwargs_sasl_plaintext(tmp_path):
     kwargs = config.load(write(tmp_path, SASL), env={}).kafka.client_kwargs()
     assert kwargs == {"bootstrap_servers": ["k1:9092", "k2:9092"], "client_id": "failoverd",
-                      "security_protocol": "SASL_PLAINTEXT", "request_timeout_ms": 40000,
+                      "security_protocol": "SASL_PLAINTEXT", "request_timeout_ms": 40000, "metadata_max_age_ms": 30000,
                       "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "svc",
                       "sasl_plain_password": "hunter2"}
 
