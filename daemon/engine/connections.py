@@ -17,11 +17,16 @@ import asyncio
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import InvalidTransactionTimeout, TransactionalIdAuthorizationFailed
 
 from daemon import clients
 from daemon.engine.deadline import Deadline
 from daemon.engine.partition import transactional_id
 from daemon.errors import ConfigError
+
+TRANSACTION_TIMEOUT_MS = 60000
+"""Kafka aborts a checkpoint transaction left open this long (its owner died); the brokers'
+transaction.max.timeout.ms must allow it."""
 
 
 class EngineClients:
@@ -83,10 +88,20 @@ class EngineClients:
     async def transactional_producer(self, tp: TopicPartition, batch_bytes: int) -> AIOKafkaProducer:
         """The producer of ``tp``'s transactions, started: InitProducerId fences every earlier owner
         of the partition and aborts its open transaction."""
-        producer = clients.transactional_producer(
-            self.s, transactional_id(self.s.app.name, self.s.kafka.group_id, tp.topic, tp.partition),
-            batch_cap=batch_bytes, transaction_timeout_ms=60000, retry_backoff_ms=10)
-        await producer.start()
+        txn_id = transactional_id(self.s.app.name, self.s.kafka.group_id, tp.topic, tp.partition)
+        producer = clients.transactional_producer(self.s, txn_id, batch_cap=batch_bytes,
+                                                  transaction_timeout_ms=TRANSACTION_TIMEOUT_MS, retry_backoff_ms=10)
+        try:
+            await producer.start()
+        except (InvalidTransactionTimeout, TransactionalIdAuthorizationFailed) as exc:
+            await asyncio.gather(asyncio.wait_for(producer.stop(), 5), return_exceptions=True)
+            if isinstance(exc, InvalidTransactionTimeout):
+                raise ConfigError(f"the brokers refuse a transaction timeout of {TRANSACTION_TIMEOUT_MS} ms (exactly-once "
+                                  "checkpoints need it): raise transaction.max.timeout.ms on the brokers to at least "
+                                  "that (Kafka's default is 900000)") from None
+            raise ConfigError(f"the brokers do not let this principal use transactional id {txn_id!r}: grant it "
+                              f"WRITE and DESCRIBE on the TransactionalId resources with prefix "
+                              f"{self.s.app.name + ':'!r} (docs/operations.md, Kafka ACLs)") from None
         return producer
 
     async def rescore_consumer(self) -> AIOKafkaConsumer:
