@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -27,33 +28,37 @@ async def create_topics(bootstrap: str, topics: dict[str, int], configs: dict[st
         await admin.close()
 
 
-async def delete_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> None:
-    """Delete ``topic`` and wait until the broker no longer lists it."""
+@contextlib.asynccontextmanager
+async def admin_client(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client, closed on the way out."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+async def delete_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> None:
+    """Delete ``topic`` and wait until the broker no longer lists it."""
+    async with admin_client(bootstrap) as admin:
         await admin.delete_topics([topic])
 
         async def gone() -> bool:
             return topic not in await admin.list_topics()
 
         await wait_for(gone, timeout=timeout, interval=0.2, what=f"topic {topic} deleted")
-    finally:
-        await admin.close()
 
 
 async def group_committed(bootstrap: str, group: str, topic: str) -> int:
     """The sum of ``group``'s committed offsets on ``topic`` (0 while its coordinator is not ready)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        got = await admin.list_consumer_group_offsets(group)
-    except KafkaError as exc:
-        if not exc.retriable:
-            raise
-        return 0
-    finally:
-        await admin.close()
+    async with admin_client(bootstrap) as admin:
+        try:
+            got = await admin.list_consumer_group_offsets(group)
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            return 0
     return sum(om.offset for tp, om in got.items() if tp.topic == topic and om.offset >= 0)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+from aiokafka.admin import NewPartitions
 
 from tests import kafkatools, streams
 from tests.conftest import ROOT
@@ -23,21 +23,13 @@ FAST_METADATA = {"metadata_max_age_ms": 1000}
 
 
 async def _widen(bootstrap: str, topics: dict[str, int]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
+    async with kafkatools.admin_client(bootstrap) as admin:
         await admin.create_partitions({t: NewPartitions(total_count=n) for t, n in topics.items()})
-    finally:
-        await admin.close()
 
 
 async def _width(bootstrap: str, topic: str, n: int) -> bool:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
+    async with kafkatools.admin_client(bootstrap) as admin:
         (described,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
     parts = described["partitions"]
     return len(parts) == n and all(p["leader"] >= 0 for p in parts)
 
