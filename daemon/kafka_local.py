@@ -29,6 +29,7 @@ import time
 import uuid
 import base64
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from daemon import localservice
@@ -61,6 +62,15 @@ def unsecured_token(subject: str = SECURE_USER, lifetime_s: float = 3600.0, now:
 
     issued = time.time() if now is None else now
     return f"{part({'alg': 'none'})}.{part({'sub': subject, 'iat': int(issued), 'exp': int(issued + lifetime_s)})}."
+
+
+def new_cluster_id(random: Callable[[], uuid.UUID] = uuid.uuid4) -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64. Never one that starts with "-" (as
+    Kafka's Uuid.randomUuid): kafka-storage would read it as a flag, one format in 64 failing."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(random().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def find_repo_root(start: Path | None = None) -> Path:
@@ -179,6 +189,10 @@ class LocalBroker:
 
     def fetch(self) -> None:
         """Download the broker jars from Maven Central (once per pom version)."""
+        with localservice.installing(self.lib):
+            self._fetch()
+
+    def _fetch(self) -> None:
         stamp = self.lib.parent / "lib.sha256"
         if self.lib.is_dir() and stamp.is_file() and stamp.read_text() == self._pom_digest():
             return
@@ -313,12 +327,12 @@ class LocalBroker:
         if (self.data / "meta.properties").is_file():
             return
         self.data.mkdir(parents=True, exist_ok=True)
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         scram = []
         if self.secure:  # SCRAM credentials live in the cluster metadata, written with the first record
             for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
                 scram += ["--add-scram", f"{mechanism}=[name={SECURE_USER},password={SECURE_PASSWORD}]"]
-        proc = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id,
+        proc = subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
                                          "-c", str(server), "--ignore-formatted", *scram),
                               capture_output=True, text=True)
         if proc.returncode != 0:

@@ -9,16 +9,29 @@ with SIGTERM, then SIGKILL after a timeout.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from daemon.errors import BrokerError
+
+
+@contextlib.contextmanager
+def installing(target: Path) -> Iterator[None]:
+    """One process at a time installs ``target``: two `up` commands started together (the test
+    suite's brokers and registries, on parallel workers) would otherwise unpack into one directory
+    at once, and one would run half-written jars. The second waits, then finds it installed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def read_pid(pid_file: Path) -> int | None:

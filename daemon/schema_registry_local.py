@@ -135,6 +135,10 @@ class LocalSchemaRegistry:
 
     def fetch(self) -> None:
         """Download Apicurio Registry from Maven Central and unpack it (once per pom)."""
+        with localservice.installing(self.app):
+            self._fetch()
+
+    def _fetch(self) -> None:
         stamp = self.app.parent / "app.sha256"
         digest = hashlib.sha256(self.pom.read_bytes()).hexdigest()
         if self.runner.is_file() and stamp.is_file() and stamp.read_text() == digest:

@@ -13,6 +13,7 @@ its tests, and those of the SASL_SSL broker, each stay on one worker (``xdist_gr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -42,7 +43,7 @@ def _one_at_a_time(name: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> str:
+def kafka_bootstrap() -> Iterator[str]:
     """Bootstrap address of the local broker; starts it through the same command users run."""
     port = os.environ.get("FAILOVERD_TEST_KAFKA_PORT") or os.environ.get("FAILOVERD_KAFKA_PORT") or "9092"
     with _one_at_a_time(f"kafka-up-{port}"):
@@ -50,7 +51,12 @@ def kafka_bootstrap() -> str:
                               cwd=ROOT, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"local Kafka broker did not start:\n{proc.stdout}\n{proc.stderr}")
-    return f"127.0.0.1:{port}"
+    bootstrap = f"127.0.0.1:{port}"
+    yield bootstrap
+    try:  # the topics this session made: a broker that keeps them all slows down run after run
+        asyncio.run(kafkatools.delete_session_topics(bootstrap))
+    except Exception as exc:  # noqa: BLE001 - the broker may be down (a test stopped it): keep them
+        print(f"\nkept this session's test topics ({exc!r})")
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,27 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 
+UNIQUE_NAMES: set[str] = set()
+"""Every name :func:`unique` gave out in this process: the topics among them are deleted when the
+session ends (tests/conftest.py), so a developer's broker does not pile up thousands of them."""
+
+
 def unique(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    UNIQUE_NAMES.add(name)
+    return name
+
+
+async def delete_session_topics(bootstrap: str, timeout: float = 30.0) -> int:
+    """Delete the topics named by :func:`unique` in this process; how many (best effort)."""
+    async def run() -> int:
+        async with admin_client(bootstrap) as admin:
+            ours = sorted(set(await admin.list_topics()) & UNIQUE_NAMES)
+            for i in range(0, len(ours), 200):
+                await admin.delete_topics(ours[i:i + 200])
+            return len(ours)
+
+    return await asyncio.wait_for(run(), timeout)
 
 
 async def create_topics(bootstrap: str, topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None) -> None:

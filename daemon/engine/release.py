@@ -48,7 +48,7 @@ class LoadedRelease:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "digest": self.digest,
                 "state_schema_version": self.info.get("state_schema_version"), "channel": self.channel,
-                "pid": self.worker.pid}
+                "pid": self.worker.pid, **({"pids": pids} if (pids := getattr(self.worker, "pids", None)) else {})}
 
 
 async def load_release(bundle_path: Path, *, channel: str, mode: str, unpack_dir: Path | None,

@@ -83,8 +83,9 @@ async def test_two_processes_exactly_once_and_a_killed_process_fails_the_release
         victims = pgrep(f"worker_main {active}")
         assert len(victims) == 2, victims
         code, body = d.get("/status")
-        named = orjson.loads(body)["active"]["pid"] if code == 200 else None
-        victim = next(p for p in victims if p != named)
+        named = orjson.loads(body)["active"] if code == 200 else {}
+        assert sorted(named.get("pids", [])) == sorted(victims), (named, victims)  # /status names the whole pool
+        victim = next(p for p in victims if p != named["pid"])
         await harness.produce(kafka_bootstrap, names["input"], records[first:2 * first], run.sent)
         subprocess.run(["kill", "-9", str(victim)], check=True)
         await harness.produce(kafka_bootstrap, names["input"], records[2 * first:], run.sent)
