@@ -43,7 +43,7 @@ def _one_at_a_time(name: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
+def kafka_bootstrap(request) -> Iterator[str]:
     """Bootstrap address of the local broker; starts it through the same command users run."""
     port = os.environ.get("FAILOVERD_TEST_KAFKA_PORT") or os.environ.get("FAILOVERD_KAFKA_PORT") or "9092"
     with _one_at_a_time(f"kafka-up-{port}"):
@@ -53,6 +53,8 @@ def kafka_bootstrap() -> Iterator[str]:
         pytest.fail(f"local Kafka broker did not start:\n{proc.stdout}\n{proc.stderr}")
     bootstrap = f"127.0.0.1:{port}"
     yield bootstrap
+    if request.session.testsfailed:
+        return  # kept for a look at what the failed tests wrote
     try:  # the topics this session made: a broker that keeps them all slows down run after run
         asyncio.run(kafkatools.delete_session_topics(bootstrap))
     except Exception as exc:  # noqa: BLE001 - the broker may be down (a test stopped it): keep them
