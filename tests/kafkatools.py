@@ -37,14 +37,10 @@ async def delete_session_topics(bootstrap: str, timeout: float = 30.0) -> int:
 
 
 async def create_topics(bootstrap: str, topics: dict[str, int], configs: dict[str, dict[str, str]] | None = None) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
+    async with admin_client(bootstrap) as admin:
         await admin.create_topics([
             NewTopic(name, n, 1, topic_configs=(configs or {}).get(name, {})) for name, n in topics.items()
         ])
-    finally:
-        await admin.close()
 
 
 @contextlib.asynccontextmanager
@@ -69,16 +65,22 @@ async def delete_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> Non
         await wait_for(gone, timeout=timeout, interval=0.2, what=f"topic {topic} deleted")
 
 
-async def group_committed(bootstrap: str, group: str, topic: str) -> int:
-    """The sum of ``group``'s committed offsets on ``topic`` (0 while its coordinator is not ready)."""
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """``group``'s committed offset per partition of ``topic`` (empty while the group's coordinator
+    is loading or moving: nothing committed to read yet)."""
     async with admin_client(bootstrap) as admin:
         try:
             got = await admin.list_consumer_group_offsets(group)
         except KafkaError as exc:
             if not exc.retriable:
                 raise
-            return 0
-    return sum(om.offset for tp, om in got.items() if tp.topic == topic and om.offset >= 0)
+            return {}
+    return {tp.partition: om.offset for tp, om in got.items() if tp.topic == topic}
+
+
+async def group_committed(bootstrap: str, group: str, topic: str) -> int:
+    """The sum of ``group``'s committed offsets on ``topic`` (0 while its coordinator is not ready)."""
+    return sum(o for o in (await committed_offsets(bootstrap, group, topic)).values() if o >= 0)
 
 
 async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]] | Iterable,

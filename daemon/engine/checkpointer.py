@@ -13,8 +13,9 @@ The contract of one partition's exactly-once commit (:meth:`Checkpointer._commit
 2. add the consumer offset to the transaction (``send_offsets_to_transaction``);
 3. wait until *every* write of the interval (outputs, dead letters, changelog, checkpoint record)
    is acknowledged, and fail if one was refused: Kafka would commit a transaction one of whose
-   batches was refused, and the interval's inputs would be neither output nor dead letter;
-4. commit the transaction (commit = checkpoint);
+   batches was refused, and the interval's inputs would be neither output nor dead letter.
+   Steps 1-3 end within ``kafka.request_timeout_ms`` or the checkpoint fails (:class:`WriteTimeout`);
+4. commit the transaction (commit = checkpoint; never cut short: its outcome is the broker's);
 5. keep the committed interval in the local store, with the changelog offset it reached.
 
 At-least-once (:meth:`Checkpointer._commit_alo`): changelog first, every output and dead letter
@@ -90,7 +91,6 @@ async def acknowledged(futures: list[asyncio.Future[Any]], timeout: float | None
         return
     _, pending = await asyncio.wait(futures, timeout=timeout)
     if pending:
-        m.WRITES_REFUSED.inc()
         raise WriteTimeout(f"{len(pending)} of {len(futures)} writes not acknowledged within {timeout:.0f}s "
                            "(kafka.request_timeout_ms): the broker keeps refusing them or does not answer")
     for fut in futures:
@@ -158,8 +158,8 @@ class Checkpointer:
             store_errors: list[tuple[Partition, BaseException]] = []
             results: list[BaseException | None]
             if self.eos:
-                results = list(await asyncio.gather(*(self._bounded(self._commit_eos(c, release_info, store_errors), c)
-                                                      for c in snaps), return_exceptions=True))
+                results = list(await asyncio.gather(*(self._commit_eos(c, release_info, store_errors) for c in snaps),
+                                                    return_exceptions=True))
             else:
                 results = await self._commit_alo(snaps, futures, store_errors)
             return results, store_errors, time.monotonic() - t0
@@ -195,20 +195,6 @@ class Checkpointer:
             self._inflight[0].cancel()
             self._inflight = None
 
-    async def _bounded(self, commit: Any, c: _Commit) -> None:
-        """One partition's commit within ``write_timeout``: a write, or the partition's joining the
-        transaction (AddPartitionsToTxn), that the broker refuses with a retriable error (a topic
-        deleted, too few in-sync replicas) is retried for ever by the producer. Past the deadline the
-        checkpoint fails; the engine aborts the transaction (or drops the partition when it cannot)
-        and replays the interval."""
-        try:
-            await asyncio.wait_for(commit, self.write_timeout)
-        except asyncio.TimeoutError:
-            m.WRITES_REFUSED.inc()
-            raise WriteTimeout(f"checkpoint of {c.p.tp.topic}:{c.p.tp.partition} not acknowledged within "
-                               f"{self.write_timeout:.0f}s (kafka.request_timeout_ms): the broker keeps refusing a "
-                               "write or does not answer") from None
-
     # ---- the steps ----------------------------------------------------------------------------
     async def _send_changelog(self, producer: AIOKafkaProducer, p: Partition,
                               changes: dict[tuple[str, bytes], bytes | None], position: int) -> BatchSink | None:
@@ -236,22 +222,39 @@ class Checkpointer:
                           store_errors: list[tuple[Partition, BaseException]]) -> None:
         p = c.p
         producer = await self.assignment.producer_for(p)
+        try:
+            # 1.-3. within write_timeout: a write, or the partition's joining the transaction
+            # (AddPartitionsToTxn), that the broker refuses with a retriable error (a topic deleted,
+            # too few in-sync replicas) is retried for ever by the idempotent producer
+            sink = await asyncio.wait_for(self._write_interval(producer, c, release_info), self.write_timeout)
+        except asyncio.TimeoutError:
+            m.WRITES_REFUSED.inc()
+            raise WriteTimeout(f"checkpoint of {p.tp.topic}:{p.tp.partition} not acknowledged within "
+                               f"{self.write_timeout:.0f}s (kafka.request_timeout_ms): the broker keeps refusing a "
+                               "write or does not answer") from None
+        except Exception:
+            m.WRITES_REFUSED.inc()
+            raise  # the checkpoint fails: the engine aborts and rewinds every partition
+        # 4. not bounded: once the commit is sent its outcome is the broker's, and a commit reported
+        # as failed that went through would make the engine replay what it committed
+        await producer.commit_transaction()
+        p.in_txn = False
+        p.committed = c.position
+        p.uncommitted -= c.records
+        self._store_committed(p, await self._changelog_position(sink, p), store_errors)  # 5.
+
+    async def _write_interval(self, producer: AIOKafkaProducer, c: _Commit,
+                              release_info: dict[str, Any]) -> BatchSink | None:
+        """Steps 1.-3. of one partition's commit; the changelog sink (None: no state changes)."""
+        p = c.p
         sink = await self._send_changelog(producer, p, c.changes, c.position)  # 1.
         written = await producer.send(self.checkpoint_topic, record_value(
             group=self.group, topic=p.tp.topic, partition=p.tp.partition, offset=c.position,
             changelog_records=len(c.changes), release=release_info, instance=self.instance_id,
             records=c.records), key=record_key(self.group, p.tp.topic, p.tp.partition))
         await producer.send_offsets_to_transaction({p.tp: c.position}, self.group)  # 2.
-        try:  # 3.
-            await acknowledged([*c.acks, written, *(sink.futures_of(producer) if sink is not None else ())])
-        except Exception:
-            m.WRITES_REFUSED.inc()
-            raise  # the checkpoint fails: the engine aborts and rewinds every partition
-        await producer.commit_transaction()  # 4.
-        p.in_txn = False
-        p.committed = c.position
-        p.uncommitted -= c.records
-        self._store_committed(p, await self._changelog_position(sink, p), store_errors)  # 5.
+        await acknowledged([*c.acks, written, *(sink.futures_of(producer) if sink is not None else ())])  # 3.
+        return sink
 
     def _store_committed(self, p: Partition, changelog_position: int | None,
                          store_errors: list[tuple[Partition, BaseException]]) -> None:
@@ -270,7 +273,11 @@ class Checkpointer:
         try:
             sinks = [await self._send_changelog(producer, c.p, c.changes, c.position) for c in snaps]
             positions = [await self._changelog_position(sink, c.p) for sink, c in zip(sinks, snaps)]
-            await acknowledged(futures, self.write_timeout)  # every output and dead letter acknowledged ...
+            try:
+                await acknowledged(futures, self.write_timeout)  # every output and dead letter acknowledged ...
+            except Exception:
+                m.WRITES_REFUSED.inc()
+                raise
             await consumer.commit({c.p.tp: c.position for c in snaps})  # ... before the offsets move
         except Exception as exc:  # noqa: BLE001
             return [exc] * len(snaps)

@@ -14,6 +14,7 @@ defaults, and the only place that touches aiokafka's private API), with the engi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -93,8 +94,11 @@ class EngineClients:
                                                   transaction_timeout_ms=TRANSACTION_TIMEOUT_MS, retry_backoff_ms=10)
         try:
             await producer.start()
-        except (InvalidTransactionTimeout, TransactionalIdAuthorizationFailed) as exc:
-            await asyncio.gather(asyncio.wait_for(producer.stop(), 5), return_exceptions=True)
+        except Exception as exc:
+            with contextlib.suppress(Exception):  # whatever failed, the half-started producer stops
+                await asyncio.wait_for(producer.stop(), 5)
+            if not isinstance(exc, (InvalidTransactionTimeout, TransactionalIdAuthorizationFailed)):
+                raise
             if isinstance(exc, InvalidTransactionTimeout):
                 raise ConfigError(f"the brokers refuse a transaction timeout of {TRANSACTION_TIMEOUT_MS} ms (exactly-once "
                                   "checkpoints need it): raise transaction.max.timeout.ms on the brokers to at least "

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
 from daemon.engine import headers as H
@@ -218,17 +216,7 @@ class Run:
     tmp: Path
 
     async def committed(self) -> dict[int, int]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            got = await admin.list_consumer_group_offsets(self.group)
-        except KafkaError as exc:
-            if not exc.retriable:
-                raise
-            return {}  # the group's coordinator is loading or moving: nothing committed to read yet
-        finally:
-            await admin.close()
-        return {tp.partition: om.offset for tp, om in got.items() if tp.topic == self.names["input"]}
+        return await kafkatools.committed_offsets(self.bootstrap, self.group, self.names["input"])
 
     async def wait_committed(self, ends: dict[int, int] | None = None, timeout: float = 60.0) -> None:
         """Until the group's committed offsets reach ``ends`` (default: every input sent), with the
