@@ -248,6 +248,16 @@ class Run:
             raise AssertionError(f"{exc}: committed {last}, input ends {ends}; log tail:\n"
                                  f"{tail(self.daemon.log())}") from None
 
+    async def wait_standby_ready(self, timeout: float = 60.0) -> None:
+        """Until /status says a standby is installed and healthy: a fault injected before that
+        meets no standby, and crash isolation (not a failover) answers it, by design."""
+        def ready() -> bool:
+            self.daemon.check()
+            code, body = self.daemon.get("/status")
+            return code == 200 and bool(json.loads(body).get("standby_ready"))
+
+        await kafkatools.wait_for(ready, timeout=timeout, interval=0.2, what="the standby to be ready")
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM: the daemon must exit 0 within ``timeout`` and leave no process behind: none of its
         session, and none of its model workers' sessions (each worker has one of its own)."""

@@ -190,6 +190,8 @@ async def test_hostile_release(kafka_bootstrap, tmp_path, good_bundle, case: Cas
     try:
         await h.produce(kafka_bootstrap, run.names["input"], records[:FIRST], run.sent)
         await run.wait_committed(timeout=60)  # the hostile release answers the first records
+        if case.hostile == "active":
+            await run.wait_standby_ready()  # the good standby is there to fail over to
         if case.init.startswith("raise") and case.hostile == "standby":
             await checks("/status reports the standby as not ready", _standby_not_ready, d)
         await h.produce(kafka_bootstrap, run.names["input"], records[FIRST:], run.sent, labels=labels[FIRST:])

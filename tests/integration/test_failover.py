@@ -189,8 +189,9 @@ async def test_a_worker_killed_while_idle_fails_over_at_once(kafka_bootstrap, tm
             code, body = d.get("/status")
             return orjson.loads(body) if code == 200 else {}
 
-        await kafkatools.wait_for(lambda: d.check() and (status().get("active") or {}).get("pid"),
-                                  timeout=90, interval=0.2, what="the active worker")
+        await kafkatools.wait_for(lambda: d.check() and (status().get("active") or {}).get("pid")
+                                  and status().get("standby_ready"),
+                                  timeout=90, interval=0.2, what="the active worker and a ready standby")
         pid = status()["active"]["pid"]
         await kafkatools.produce(kafka_bootstrap, names["input"], records[200:])
         await kafkatools.wait_for(lambda: sum(p["position"] for p in status().get("partitions", [])) >= 400,

@@ -332,6 +332,11 @@ def test_refuses_a_replication_factor_above_the_broker_count(setup, capsys):
 def test_refuses_to_decrease_partitions_and_changes_nothing(setup, capsys):
     asyncio.run(kafkatools.create_topics(setup.bootstrap, {setup.name("changelog"): 8},
                                          {setup.name("changelog"): {"cleanup.policy": "compact"}}))
+    # the broker answers CreateTopics before its metadata lists the topic: apply must find it
+    async def listed() -> bool:
+        return (await _existing(setup.bootstrap, setup.names)).get(setup.name("changelog")) == 8
+
+    asyncio.run(kafkatools.wait_for(listed, timeout=30, interval=0.1, what="the changelog topic in the metadata"))
     code, out, err = run(capsys, setup.args("apply"))
     assert code == 1
     assert f"{setup.name('changelog')}: partitions: file 4, cluster 8; Kafka cannot decrease partitions" in err

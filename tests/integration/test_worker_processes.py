@@ -78,6 +78,7 @@ async def test_two_processes_exactly_once_and_a_killed_process_fails_the_release
         first = TOTAL // 3
         await harness.produce(kafka_bootstrap, names["input"], records[:first], run.sent)
         await run.wait_committed(timeout=90)
+        await run.wait_standby_ready()
 
         # SIGKILL one process of the active release (not the one /status names) while records wait
         victims = pgrep(f"worker_main {active}")
