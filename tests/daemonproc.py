@@ -9,16 +9,9 @@ import sys
 from pathlib import Path
 
 from tests import kafkatools
+from tests.ports import free_port  # noqa: F401 - tests import it from here
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(path: Path, *, bootstrap: str, names: dict, state_dir: Path, registry: Path | None = None,

@@ -12,16 +12,9 @@ import fastavro
 from daemon.formats.avro import frame, schema_text
 from daemon.formats.registry import RegistryClient
 from daemon.schema_registry_local import API_PATH
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalRegistryProc:

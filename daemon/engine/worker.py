@@ -234,8 +234,20 @@ class SubprocessWorker(_Worker):
             str(self.isolation.max_records), repr(self.isolation.max_fraction), json.dumps(b.limits()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
             start_new_session=True, limit=1 << 24)
+        try:
+            return await self._handshake()
+        except BaseException:
+            # cancelled (the daemon stops while the release loads) or any failure: the process,
+            # started in a session of its own, would outlive the daemon; nothing of it stays behind
+            self.dead = True
+            self.kill()
+            raise
+
+    async def _handshake(self) -> dict[str, Any]:
+        """Read the started worker's first reply: its release info, or why it did not load."""
+        assert self._proc is not None and self._proc.stdout is not None
+        b = self.boundary
         _widen_pipes(self._proc)
-        assert self._proc.stdout is not None
         try:
             reply = await asyncio.wait_for(framing.read_async(self._proc.stdout, b.max_frame_bytes),
                                            self.start_timeout)

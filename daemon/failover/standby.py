@@ -142,6 +142,7 @@ class StandbyKeeper:
     async def _load_and_install(self, engine: EngineControl, path: Path) -> None:
         self.loading = True
         self._retry_at = self._retry_wall = None
+        release: LoadedRelease | None = None
         try:
             release = await self.loader(path, "standby")
             try:
@@ -153,6 +154,8 @@ class StandbyKeeper:
                 raise RuntimeError(f"standby {release.ref} loaded but failed its health check")
         except asyncio.CancelledError:
             self.loading = False
+            if release is not None:
+                release.worker.kill()  # the daemon stops: a loaded worker must not outlive it
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the bundle does, the active goes on
             self.loading = False
@@ -165,15 +168,21 @@ class StandbyKeeper:
             return
         self.loading = False
         old = None
-        async with engine.lock:
-            installed = not (engine.stopping.is_set() or engine.closing) and path == self._path
-            if installed:
-                old = engine.install_standby(release)
-                self.failures, self.error = 0, None
-                self._installed_at = self.clock()
-                log.info("standby loaded", extra={"release": release.ref, "pid": release.worker.pid})
-                if self.on_installed is not None:
-                    await self.on_installed(engine, release)
+        installed = False
+        try:
+            async with engine.lock:
+                installed = not (engine.stopping.is_set() or engine.closing) and path == self._path
+                if installed:
+                    old = engine.install_standby(release)
+                    self.failures, self.error = 0, None
+                    self._installed_at = self.clock()
+                    log.info("standby loaded", extra={"release": release.ref, "pid": release.worker.pid})
+                    if self.on_installed is not None:
+                        await self.on_installed(engine, release)
+        except BaseException:
+            if not installed:  # cancelled waiting for the lock: the engine never saw it (closes it)
+                release.worker.kill()
+            raise
         if not installed:
             await release.worker.close(timeout=2.0)  # stopping, or no longer the target
         if old is not None and old is not release:

@@ -326,3 +326,25 @@ async def test_sigterm_while_the_model_hangs(kafka_bootstrap, tmp_path, good_bun
             if d is not None and d.alive():
                 d.kill9()
     checks.raise_if_any(first.log() + (second.log() if second else ""))
+
+
+async def test_sigterm_while_the_standby_loads(kafka_bootstrap, tmp_path):
+    """SIGTERM while the standby's worker is still loading (its constructor hangs and ignores
+    SIGTERM): the daemon exits 0 and the loading worker goes with it, at once. A load cut short by
+    the stop used to leave its process running until the process noticed its parent was gone."""
+    loading = tmp_path / "standby-is-loading"
+    standby = h.build_bundle(tmp_path, name="counter", version=h.GOOD_VERSION, source=h.model_source(
+        init=textwrap.dedent(IGNORE_SIGNALS) + f"open({str(loading)!r}, 'w').close()\ntime.sleep(10**6)\n"))
+    active = h.build_bundle(tmp_path, name="counter", version=h.HOSTILE_VERSION, source=h.model_source())
+    checks = h.Checks()
+    run = await h.start(kafka_bootstrap, tmp_path, active=active, standby=standby, prefix="hr-sigterm-load")
+    try:
+        await h.produce(kafka_bootstrap, run.names["input"], _records()[:FIRST], run.sent)
+        await run.wait_committed(timeout=60)  # the active serves while the standby loads
+        await h.kafkatools.wait_for(lambda: run.daemon.check() and loading.exists(), timeout=30,
+                                    what="the standby's constructor to hang")
+        await checks("SIGTERM while the standby loads: exit 0, no process left", run.stop, 30.0)
+    finally:
+        if run.daemon.alive():
+            run.daemon.kill9()
+    checks.raise_if_any(run.daemon.log())

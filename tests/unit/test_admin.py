@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter
 from daemon import metrics
 from daemon.admin import AdminServer, Controller, load_token, parse_bind
 from daemon.errors import ConfigError, RegistryError
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-token-1f2e3d4c5b6a"
@@ -332,9 +333,6 @@ async def test_ctl_against_the_running_server(server, controller, tmp_path):
 
 
 async def test_ctl_says_when_the_daemon_is_unreachable():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rc, out, err = await ctl("--url", f"http://127.0.0.1:{port}", "status")
+    rc, out, err = await ctl("--url", f"http://127.0.0.1:{free_port()}", "status")  # nobody listens
     assert rc == 1
     assert "cannot reach the failoverd admin API" in err and "is the daemon running" in err
