@@ -41,6 +41,10 @@ typecheck: $(STAMP)  ## type-check daemon/ with mypy (pyproject.toml [tool.mypy]
 # The system tools come first: `python3 -m venv` itself needs Debian's python3-venv.
 # Two parts: the tests not marked serial on two workers, then the serial ones (they restart or kill
 # the broker the others share; tests/conftest.py).
+# The brokers and registries the tests start run the client JIT only (FAILOVERD_JAVA_OPTS,
+# daemon/localservice.py): half the broker's CPU, which the tests share on two cores.
+test test-unit: export FAILOVERD_JAVA_OPTS ?= -XX:TieredStopAtLevel=1
+
 test: system-deps $(STAMP)  ## type-check, then run the whole test suite against the local broker (installs tools, starts it)
 	$(MAKE) --no-print-directory typecheck
 	$(BIN)/failoverd kafka up

@@ -308,8 +308,8 @@ class LocalBroker:
 
     def _java(self, main: str, *args: str, heap: str = "256m") -> list[str]:
         java = self._require("java", "the local Kafka broker needs Java 17+ (apt-get install openjdk-17-jre-headless)")
-        return [java, f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-                f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+        return [java, f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC", *localservice.java_opts(),
+                "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
                 "-cp", str(self.lib / "*"), main, *args]
 
     def _check_java_version(self) -> None:

@@ -172,7 +172,7 @@ class LocalSchemaRegistry:
             raise SchemaRegistryError(f"port {self.port} is taken by another process; stop it or pass --port")
         java = self._require("java", "Apicurio Registry needs Java 17+ (apt-get install openjdk-17-jre-headless)")
         self.fetch()
-        cmd = [java, "-Xmx256m", "-XX:+UseSerialGC", "-Dquarkus.http.host=127.0.0.1",
+        cmd = [java, "-Xmx256m", "-XX:+UseSerialGC", *localservice.java_opts(), "-Dquarkus.http.host=127.0.0.1",
                f"-Dquarkus.http.port={self.port}", "-Dquarkus.log.level=WARN"]
         if self.persist:
             self.data.mkdir(parents=True, exist_ok=True)
