@@ -98,6 +98,12 @@ class Assignment:
         keep, new = [], []
         for tp in assigned:
             p = self.parts.get(tp)
+            if p is not None and p.in_txn:
+                # written after the handover's checkpoint (a fetch that raced the revoke): it never
+                # commits, the records are read again from the checkpoint (abort drops a partition
+                # that cannot abort: it is opened afresh)
+                await self.abort(p)
+                p = self.parts.get(tp)
             if p is not None:
                 broker = await self.consumer.committed(tp)
                 if broker is not None and broker == p.committed and p.producer is not None:
@@ -310,9 +316,10 @@ class Assignment:
     def unfetch(self, data: dict[TopicPartition, Any]) -> None:
         """Put fetched records back: the next fetch of their partitions starts at the first of them
         that was not handed to the model."""
+        assigned = self.consumer.assignment()
         for tp in data:
             p = self.parts.get(tp)
-            if p is not None:
+            if p is not None and tp in assigned:  # not ours any more: its next owner reads it
                 self.consumer.seek(tp, p.fetched)
 
     def refetch_from_position(self, p: Partition) -> None:

@@ -78,6 +78,8 @@ class Engine(ControlSurface):
         """An error the engine cannot continue after (e.g. a partition could not be opened)."""
         self.assigned_once = asyncio.Event()
         self.last_checkpoint: float | None = None
+        self._handovers = 0
+        """Rebalance callbacks begun: a fetch that returns across one is stale (:meth:`run`)."""
         self.clients = EngineClients(s)
         self.restore = Restorer(self.clients, s.state.changelog_topic)
         self.assignment = Assignment(self.clients, self.restore, state_dir=s.state.directory, eos=self.eos,
@@ -141,10 +143,17 @@ class Engine(ControlSurface):
                     wait = 0.001  # the model is busy or outputs wait for a commit: come back soon
                 else:
                     wait = self.policy.time_left() if self.policy.records else 0.5
+                handovers = self._handovers
                 data = await self._fetch(consumer, wait)
                 async with self.lock:
                     if self.stopping.is_set():
                         break
+                    if handovers != self._handovers and data:
+                        # fetched across a handover: before it (stale: the revoke checkpointed and
+                        # the assignment rewound or gave the partition away since) or after its
+                        # seeks. Put back: each partition is read again from where it stands
+                        self.assignment.unfetch(data)
+                        data = {}
                     await self._turn(data)
             clean = True
         except BaseException as exc:
@@ -288,6 +297,7 @@ class Engine(ControlSurface):
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Checkpoint what was processed before the partitions move, within the group's rebalance
         timeout (the session timeout); past it, abort the interval: the next owner replays it."""
+        self._handovers += 1  # before the lock: a fetch waiting for it is stale (run)
         async with self.lock:
             budget = Deadline(max(10.0, self.s.kafka.session_timeout_ms / 1000))
             try:
@@ -310,8 +320,10 @@ class Engine(ControlSurface):
             m.READY.set(0)
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._handovers += 1
         async with self.lock:
             await self._settle()
+            await self.pipeline.discard()  # batches of a fetch that raced the handover: read again
             await self._follow_input_widths(assigned)
             opened = await self.assignment.take(assigned, self._paused)
             self._note_release_start(opened)

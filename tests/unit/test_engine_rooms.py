@@ -258,6 +258,38 @@ async def test_pause_pauses_every_assigned_partition_each_turn_and_resume_reread
     assert consumer.seeks[-1] == (TP, 20)
 
 
+async def test_a_kept_partition_aborts_what_it_began_since_the_revoke_before_it_is_rewound():
+    """A fetch that raced the handover began a transaction after the revoke's checkpoint: the
+    assignment keeps the partition (the broker's committed offset is still ours), aborts that
+    transaction (it must never commit with the replayed records) and rewinds to the checkpoint."""
+    consumer = FakeConsumer()
+
+    async def committed(tp):
+        return 10
+
+    consumer.committed = committed
+    _, assignment, _ = rooms(consumer)
+    p = partition(committed=10)
+    assignment.parts[TP] = p
+    processed(p, 16)
+    p.in_txn = True
+    assert await assignment.take({TP}, paused=False) == []  # kept, nothing opened
+    assert assignment.parts[TP] is p and p.producer.calls == ["abort"] and not p.in_txn
+    assert (p.position, p.fetched) == (10, 10) and consumer.seeks == [(TP, 10)]
+
+
+async def test_a_fetch_put_back_seeks_only_the_partitions_still_assigned():
+    other = TopicPartition("in", 1)
+    consumer = FakeConsumer(assigned=(TP,))  # ``other`` was handed over by the rebalance
+    _, assignment, _ = rooms(consumer)
+    for tp in (TP, other):
+        q = Partition(tp=tp, store=FakeStore(), producer=FakeProducer(), committed=10)
+        q.fetched = 12
+        assignment.parts[tp] = q
+    assignment.unfetch({TP: [], other: []})
+    assert consumer.seeks == [(TP, 12)]  # a seek on a partition no longer assigned would raise
+
+
 # ---- crash-by-record isolation ------------------------------------------------------------------------
 class ProbeWorker:
     def __init__(self, kills: dict[int, type[ReleaseFailure]]) -> None:
