@@ -12,6 +12,7 @@ import collections
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -31,12 +32,9 @@ from daemon.errors import BrokerError, FailoverdError
 ROLES = ("input", "output", "dlq", "changelog", "checkpoint", "control")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ADMIN_LISTENING = re.compile(rb'admin API listening.*?"?url"?[=:] ?"?(http://[^\s"]+)')
+"""The daemon's log line that says where its admin API listens (the demo binds port 0: a port
+picked before the daemon binds it could be taken meanwhile by any outgoing connection)."""
 
 
 def check_broker(bootstrap: str, timeout: float = 3.0) -> None:
@@ -86,7 +84,8 @@ class Demo:
         self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
         self.work = root / ".local" / "demo" / self.run_id
         self.topics = {r: f"demo-{self.run_id}-{r}" for r in ROLES}
-        self.admin_port = _free_port()
+        self.admin_url: str | None = None
+        """Read from the daemon's log once it listens (:meth:`status`)."""
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -136,7 +135,7 @@ predict_timeout_ms = 2000
 [failover]
 standby_mode = "{self.mode}"
 [admin]
-bind = "127.0.0.1:{self.admin_port}"
+bind = "127.0.0.1:0"
 [metrics]
 port = 0
 """)
@@ -150,8 +149,16 @@ port = 0
             self.say(f"    {line}")
 
     def status(self) -> dict | None:
+        if self.admin_url is None:
+            try:
+                found = ADMIN_LISTENING.search((self.work / "daemon.log").read_bytes())
+            except OSError:
+                return None
+            if found is None:
+                return None  # not listening yet
+            self.admin_url = found.group(1).decode()
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/status", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.admin_url}/status", timeout=2) as r:
                 return json.loads(r.read())
         except OSError:
             return None
