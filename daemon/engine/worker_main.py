@@ -1,8 +1,9 @@
 """Entry point of a model worker subprocess:
 ``python -m daemon.engine.worker_main BUNDLE UNPACK_DIR [ISOLATE_MAX_RECORDS ISOLATE_MAX_FRACTION [LIMITS_JSON]]``.
 
-Reads request frames on stdin and writes reply frames on the original stdout; the model's own
-prints go to stderr so they can never corrupt the protocol.
+Reads request frames on the original stdin and writes reply frames on the original stdout (both
+kept on private descriptors); the model's own prints go to stderr and its stdin reads /dev/null,
+so neither it nor a process it starts can corrupt the protocol or take a request's bytes.
 
 Before anything of the release is imported, the worker applies its resource limits
 (``LIMITS_JSON``: ``memory_mb``, ``max_open_files``, ``max_processes``; 0 leaves one unchanged),
@@ -115,6 +116,9 @@ def main(argv: list[str]) -> int:
     os.dup2(2, 1)  # model prints go to stderr
     sys.stdout = sys.stderr
     proto_in = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # a model (or a process it starts) reading stdin gets EOF, never a request's bytes
+    os.close(devnull)
 
     send_lock = threading.Lock()  # the keep-alive thread writes too
 

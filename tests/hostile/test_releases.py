@@ -140,6 +140,11 @@ CASES = [
         print("a print from the model")
         """),
     Case("child_process", "subprocess.Popen(['sleep', MARKER])", expect="clean", child=True),
+    # stdin was the protocol's request pipe: a read took the next request's bytes (or blocked)
+    Case("reads_stdin", expect="clean", on_batch="""
+        sys.stdin.buffer.read(1 << 16)
+        subprocess.run(["head", "-c", "1"], check=True)
+        """),
     Case("stubborn_close", expect="clean", init=IGNORE_SIGNALS, close="time.sleep(10**6)"),
     Case("environment_secret", expect="clean", secret=True, on_batch="""
         for p in results:
