@@ -1078,3 +1078,50 @@ async def finish_run(proc: "Proc", names: dict, group: str, input_topic: str, *,
         raise AssertionError(f"{name}: {out.n:,} committed outputs and {dead} dead letters for {committed:,} committed "
                              f"inputs (log {proc.log_path})")
     return out
+
+
+# ---- py-spy profiles (bench/throughput.py --profile, bench/partitions.py --profile) ----------------
+async def start_profilers(proc: Proc, out: Path, *, worker: bool = True, seconds: float | None = None) -> list:
+    """``py-spy record`` (raw collapsed stacks and a flame graph, 100 Hz) on the daemon and, with
+    ``worker``, on its first model worker subprocess, for ``seconds`` (default: until it exits)."""
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    targets = [("daemon", proc.pid)]
+    deadline = time.monotonic() + 30
+    while worker and time.monotonic() < deadline:
+        kids = [p for p in children(proc.pid) if "worker_main" in " ".join(p.cmdline())]
+        if kids:
+            targets.append(("worker", kids[0].pid))
+            break
+        await asyncio.sleep(0.05)
+    duration = ["--duration", str(max(1, int(seconds) - 1))] if seconds is not None else []
+    return [subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "100", "--format", fmt,
+                              "-o", str(out / f"{name}.{ext}"), "--nonblocking", *duration],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in targets for fmt, ext in (("raw", "txt"), ("flamegraph", "svg"))]
+
+
+def top_frames(raw: Path, n: int = 15) -> tuple[list[tuple[str, float]], list[tuple[str, float]], int]:
+    """(self-time top, inclusive top, samples) of a py-spy raw (collapsed-stack) file. Frames on
+    (nearly) every stack -- interpreter, runpy, asyncio.run, the event loop -- say nothing: left out."""
+    import collections
+
+    self_t: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        c = int(count)
+        frames = stack.split(";")
+        total += c
+        self_t[frames[-1]] += c
+        for f in set(frames):
+            incl[f] += c
+    self_t.pop("", None)
+    incl.pop("", None)
+    for f in [f for f, v in incl.items() if v >= 0.8 * total or f.startswith(("BaseEventLoop._run_once",
+                                                                              "Handle._run"))]:
+        del incl[f]
+    pct = lambda cnt: [(f, 100.0 * v / max(1, total)) for f, v in cnt.most_common(n)]  # noqa: E731
+    return pct(self_t), pct(incl), total

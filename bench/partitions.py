@@ -245,7 +245,7 @@ async def run_one(key: str, *, inputs: dict, plan: C.Plan, bundle: Path, workdir
                 await asyncio.sleep(0.05)
         m0, t_m0 = await asyncio.to_thread(scrape, mport), time.monotonic()
         if profile is not None:  # the steady window only: start-up and shutdown left out
-            spy.extend(await start_profilers(proc, profile, plan.seconds))
+            spy.extend(await C.start_profilers(proc, profile, seconds=plan.seconds))
 
     cpu0 = 0.0
     try:
@@ -300,51 +300,6 @@ async def run_one(key: str, *, inputs: dict, plan: C.Plan, bundle: Path, workdir
                txn_per_s=txn_s, ckpt_records=ckpt_records,
                rec_per_txn=res["window_records"] / max(1.0, txn_s * res["window_s"]) if spec["eos"] else 0.0)
     return res
-
-
-async def start_profilers(proc: C.Proc, out: Path, seconds: float) -> list:
-    """py-spy (raw collapsed stacks + flamegraph) on the daemon and its model worker, for ``seconds``."""
-    spy = shutil.which("py-spy") or str(Path(C.PY).parent / "py-spy")
-    targets = [("daemon", proc.pid)]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        kids = [p for p in C.children(proc.pid) if "worker_main" in " ".join(p.cmdline())]
-        if kids:
-            targets.append(("worker", kids[0].pid))
-            break
-        await asyncio.sleep(0.05)
-    procs = []
-    for name, pid in targets:
-        for fmt, ext in (("raw", "txt"), ("flamegraph", "svg")):
-            procs.append(subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "100", "--format", fmt,
-                                           "-o", str(out / f"{name}.{ext}"), "--nonblocking",
-                                           "--duration", str(max(1, int(seconds) - 1))],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    return procs
-
-
-def top_frames(raw: Path, n: int = 20) -> tuple[list, list, int]:
-    """(self-time top, inclusive top, samples) of a py-spy raw file; frames on >= 80 % of stacks left out."""
-    import collections
-
-    self_t: collections.Counter = collections.Counter()
-    incl: collections.Counter = collections.Counter()
-    total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        c = int(count)
-        frames = stack.split(";")
-        total += c
-        self_t[frames[-1]] += c
-        for f in set(frames):
-            incl[f] += c
-    for f in [f for f, v in incl.items() if v >= 0.8 * total or f.startswith(("BaseEventLoop._run_once",
-                                                                              "Handle._run"))]:
-        del incl[f]
-    pct = lambda cnt: [(f, 100.0 * v / max(1, total)) for f, v in cnt.most_common(n)]  # noqa: E731
-    return pct(self_t), pct(incl), total
 
 
 def med(rs: list[dict], field: str) -> float:
@@ -451,7 +406,7 @@ async def main(args) -> int:
             print(f"profiled {key}: {C.run_line(res, plan)}  {describe(res)}", flush=True)
             for w in ("daemon", "worker"):
                 if (pdir / f"{w}.txt").exists():
-                    profile[f"{key} {w}"] = top_frames(pdir / f"{w}.txt")
+                    profile[f"{key} {w}"] = C.top_frames(pdir / f"{w}.txt", 20)
     finally:
         if not args.live:
             await C.delete_topics([t for t, _ in inputs.values()])

@@ -47,7 +47,6 @@ import argparse
 import asyncio
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -132,7 +131,7 @@ async def run_one(key: str, *, input_topic: str, plan: C.Plan, partitions: int, 
     spy = None
     try:
         if profile is not None:
-            spy = await start_profilers(proc, spec, profile)
+            spy = await C.start_profilers(proc, profile, worker=spec.get("mode") == "subprocess")
         res = await C.measure(proc, group, input_topic, plan, name=key)
     finally:
         proc.stop()
@@ -145,56 +144,6 @@ async def run_one(key: str, *, input_topic: str, plan: C.Plan, partitions: int, 
     seqs = await C.finish_run(proc, names, group, input_topic, exactly_once=spec.get("eos", False), name=key)
     res.update(system=key, log=str(proc.log_path), seqs=seqs, outputs=seqs.n)
     return res
-
-
-async def start_profilers(proc: C.Proc, spec: dict, out: Path) -> list:
-    """py-spy on the daemon (and its worker subprocess) for the rest of the run."""
-    import subprocess
-
-    spy = shutil.which("py-spy") or str(Path(C.PY).parent / "py-spy")
-    targets = [("daemon", proc.pid)]
-    if spec.get("mode") == "subprocess":
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            kids = [p for p in C.children(proc.pid) if "worker_main" in " ".join(p.cmdline())]
-            if kids:
-                targets.append(("worker", kids[0].pid))
-                break
-            await asyncio.sleep(0.05)
-    procs = []
-    for name, pid in targets:
-        for fmt, ext in (("raw", "txt"), ("flamegraph", "svg")):
-            procs.append(subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "100", "--format", fmt,
-                                           "-o", str(out / f"{name}.{ext}"), "--nonblocking"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    return procs
-
-
-def top_frames(raw: Path, n: int = 15) -> tuple[list[tuple[str, float]], list[tuple[str, float]], int]:
-    """(self-time top, inclusive top, samples) from a py-spy raw (collapsed-stack) file."""
-    import collections
-
-    self_t: collections.Counter = collections.Counter()
-    incl: collections.Counter = collections.Counter()
-    total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        c = int(count)
-        frames = stack.split(";")
-        total += c
-        self_t[frames[-1]] += c
-        for f in set(frames):
-            incl[f] += c
-    self_t.pop("", None)
-    incl.pop("", None)
-    # frames on (nearly) every stack — interpreter, runpy, asyncio.run — say nothing: left out
-    for f in [f for f, v in incl.items() if v >= 0.8 * total or f.startswith(("BaseEventLoop._run_once",
-                                                                              "Handle._run"))]:
-        del incl[f]
-    pct = lambda cnt: [(f, 100.0 * v / total) for f, v in cnt.most_common(n)]  # noqa: E731
-    return pct(self_t), pct(incl), total
 
 
 async def main(args) -> int:
@@ -253,7 +202,7 @@ async def main(args) -> int:
             for name in ("daemon", "worker"):
                 raw = pdir / f"{name}.txt"
                 if raw.exists() and raw.stat().st_size:
-                    profile[name] = top_frames(raw)
+                    profile[name] = C.top_frames(raw)
     finally:
         await C.delete_topics([input_topic])
     import dataclasses
