@@ -123,6 +123,12 @@ class FaustScorer:
         await asyncio.shield(self._started)
 
     async def stop(self) -> None:
+        started = self._started
+        if started is not None and not started.done():
+            # stopped while the releases load (faust cancels its tasks at shutdown): the load is
+            # shielded for its other callers, so cancel it here; a worker being started is killed
+            started.cancel()
+            await asyncio.gather(started, return_exceptions=True)
         await self.scorer.stop()
 
     async def _run(self) -> None:
