@@ -51,6 +51,10 @@ def resolve_bundles(settings, active_bundle: Path | None, standby_bundle: Path |
     return a, s
 
 
+class _StoppedWhileStarting(Exception):
+    """A requested stop (SIGTERM) before the daemon served anything: a clean exit (0)."""
+
+
 async def _first_of(*coros) -> None:
     """Wait until one of ``coros`` ends; cancel the others."""
     tasks = [asyncio.ensure_future(c) for c in coros]
@@ -206,10 +210,12 @@ class App:
                 return
             except KafkaConnectionError as exc:
                 if engine.stopping.is_set():
-                    raise
+                    raise _StoppedWhileStarting("while waiting for Kafka") from exc
                 log.warning("Kafka not reachable; retrying", extra={"in_s": delay, "error": str(exc)})
                 self.notifier.status(f"waiting for Kafka at {self.settings.kafka.bootstrap_servers}")
-                await asyncio.sleep(delay)
+                await _first_of(asyncio.sleep(delay), engine.stopping.wait())
+                if engine.stopping.is_set():
+                    raise _StoppedWhileStarting("while waiting for Kafka") from exc
                 delay = min(delay * 2, 10.0)
 
     async def run(self) -> int:
@@ -261,7 +267,10 @@ class App:
             self.notifier.status("loading releases, joining the consumer group and restoring state")
             try:
                 await self._start_engine()
-                active = await loading
+                await _first_of(asyncio.shield(loading), engine.stopping.wait())
+                if not loading.done():
+                    raise _StoppedWhileStarting("while the active release loaded")
+                active = loading.result()
                 if keeper is not None and s.failover.standby_mode == "hot":
                     # a hot standby shadows from the first batch on (its state stays exact): wait
                     # for its first load to end; if that fails, the active starts alone
@@ -286,6 +295,9 @@ class App:
             except asyncio.CancelledError:
                 if not self.engine.stopping.is_set():
                     raise  # not our interruption
+        except _StoppedWhileStarting as exc:  # everything started so far was closed (above)
+            log.info("stopped before serving", extra={"when": str(exc)})
+            return 0
         finally:
             self.notifier.stopping()
             for task in background:

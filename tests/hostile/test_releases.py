@@ -353,3 +353,46 @@ async def test_sigterm_while_the_standby_loads(kafka_bootstrap, tmp_path):
         if run.daemon.alive():
             run.daemon.kill9()
     checks.raise_if_any(run.daemon.log())
+
+
+async def test_sigterm_while_the_active_loads(kafka_bootstrap, tmp_path, good_bundle):
+    """SIGTERM while the active release's worker is still loading at start (its constructor hangs
+    and ignores SIGTERM): the daemon exits 0 and the loading worker goes with it, at once."""
+    loading = tmp_path / "active-is-loading"
+    active = h.build_bundle(tmp_path, name="counter", version=h.HOSTILE_VERSION, source=h.model_source(
+        init=textwrap.dedent(IGNORE_SIGNALS) + f"open({str(loading)!r}, 'w').close()\ntime.sleep(10**6)\n"))
+    checks = h.Checks()
+    run = await h.start(kafka_bootstrap, tmp_path, active=active, standby=good_bundle, prefix="hr-sigterm-aload")
+    try:
+        await h.kafkatools.wait_for(lambda: run.daemon.check() and loading.exists(), timeout=60,
+                                    what="the active's constructor to hang")
+        await checks("SIGTERM while the active loads: exit 0, no process left", run.stop, 30.0)
+    finally:
+        if run.daemon.alive():
+            run.daemon.kill9()
+    checks.raise_if_any(run.daemon.log())
+
+
+async def test_sigterm_while_waiting_for_kafka_exits_0_at_once(tmp_path, good_bundle):
+    """No broker at the bootstrap address: the daemon retries with backoff. SIGTERM then is a clean
+    stop: exit 0 within the shutdown grace, no model process left (it used to wait out its backoff
+    and exit with the connection error)."""
+    from tests.daemonproc import DaemonProc, free_port, write_config
+
+    names = {r: f"nowhere-{r}" for r in ("input", "output", "dlq", "changelog", "checkpoint", "control")}
+    cfg = write_config(tmp_path / "f.toml", bootstrap=f"127.0.0.1:{free_port()}", names=names,
+                       state_dir=tmp_path / "state", group="g-nowhere", app="app-nowhere")
+    d = DaemonProc(cfg, "--active-bundle", str(good_bundle), log=tmp_path / "daemon.log").start()
+    try:
+        await h.kafkatools.wait_for(lambda: "Kafka not reachable; retrying" in d.log(), timeout=60,
+                                    what="the daemon to retry the broker")
+        workers = d.worker_pids_in_session()
+        t0 = h.time.monotonic()
+        code = d.terminate(timeout=15)
+        assert code == 0, f"exit {code} on SIGTERM while waiting for Kafka; log:\n{d.log()[-2000:]}"
+        assert h.time.monotonic() - t0 < 6, "the stop waited out the backoff"
+        left = [p for w in workers for p in h.session_processes(w, include_leader=True)]
+        assert not left, f"processes left: {left}"
+    finally:
+        if d.alive():
+            d.kill9()
