@@ -209,11 +209,10 @@ class App:
                 await engine.start()
                 return
             except KafkaConnectionError as exc:
-                if engine.stopping.is_set():
-                    raise _StoppedWhileStarting("while waiting for Kafka") from exc
-                log.warning("Kafka not reachable; retrying", extra={"in_s": delay, "error": str(exc)})
-                self.notifier.status(f"waiting for Kafka at {self.settings.kafka.bootstrap_servers}")
-                await _first_of(asyncio.sleep(delay), engine.stopping.wait())
+                if not engine.stopping.is_set():
+                    log.warning("Kafka not reachable; retrying", extra={"in_s": delay, "error": str(exc)})
+                    self.notifier.status(f"waiting for Kafka at {self.settings.kafka.bootstrap_servers}")
+                    await _first_of(asyncio.sleep(delay), engine.stopping.wait())  # a stop ends the wait
                 if engine.stopping.is_set():
                     raise _StoppedWhileStarting("while waiting for Kafka") from exc
                 delay = min(delay * 2, 10.0)

@@ -102,7 +102,8 @@ class DaemonProc:
     def start(self) -> "DaemonProc":
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "--log-level", os.environ.get("FAILOVERD_TEST_LOG_LEVEL", "info"), "run",
+        level = os.environ.get("FAILOVERD_TEST_LOG_LEVEL", "info")  # debug: aiokafka's requests too
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "--log-level", level, "run",
                                       "--config", str(self.config), *self.args],
                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

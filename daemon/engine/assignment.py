@@ -323,7 +323,10 @@ class Assignment:
                 self.consumer.seek(tp, p.fetched)
 
     def refetch_from_position(self, p: Partition) -> None:
-        """Records handed to the model and not written are fetched again (from ``p.position``)."""
+        """Records handed to the model and not written are fetched again (from ``p.position``).
+        During a handover (the pipeline discarded before the assignment is taken) a partition
+        given away is not sought: aiokafka refuses a seek of a partition not assigned."""
         if self.live(p):
             p.fetched = p.position
-            self.consumer.seek(p.tp, p.position)
+            if p.tp in self.consumer.assignment():
+                self.consumer.seek(p.tp, p.position)

@@ -97,15 +97,15 @@ class EngineClients:
         except Exception as exc:
             with contextlib.suppress(Exception):  # whatever failed, the half-started producer stops
                 await asyncio.wait_for(producer.stop(), 5)
-            if not isinstance(exc, (InvalidTransactionTimeout, TransactionalIdAuthorizationFailed)):
-                raise
             if isinstance(exc, InvalidTransactionTimeout):
                 raise ConfigError(f"the brokers refuse a transaction timeout of {TRANSACTION_TIMEOUT_MS} ms (exactly-once "
                                   "checkpoints need it): raise transaction.max.timeout.ms on the brokers to at least "
                                   "that (Kafka's default is 900000)") from None
-            raise ConfigError(f"the brokers do not let this principal use transactional id {txn_id!r}: grant it "
-                              f"WRITE and DESCRIBE on the TransactionalId resources with prefix "
-                              f"{self.s.app.name + ':'!r} (docs/operations.md, Kafka ACLs)") from None
+            if isinstance(exc, TransactionalIdAuthorizationFailed):
+                raise ConfigError(f"the brokers do not let this principal use transactional id {txn_id!r}: grant it "
+                                  f"WRITE and DESCRIBE on the TransactionalId resources with prefix "
+                                  f"{self.s.app.name + ':'!r} (docs/operations.md, Kafka ACLs)") from None
+            raise
         return producer
 
     async def rescore_consumer(self) -> AIOKafkaConsumer:

@@ -333,40 +333,31 @@ async def test_sigterm_while_the_model_hangs(kafka_bootstrap, tmp_path, good_bun
     checks.raise_if_any(first.log() + (second.log() if second else ""))
 
 
-async def test_sigterm_while_the_standby_loads(kafka_bootstrap, tmp_path):
-    """SIGTERM while the standby's worker is still loading (its constructor hangs and ignores
-    SIGTERM): the daemon exits 0 and the loading worker goes with it, at once. A load cut short by
-    the stop used to leave its process running until the process noticed its parent was gone."""
-    loading = tmp_path / "standby-is-loading"
-    standby = h.build_bundle(tmp_path, name="counter", version=h.GOOD_VERSION, source=h.model_source(
-        init=textwrap.dedent(IGNORE_SIGNALS) + f"open({str(loading)!r}, 'w').close()\ntime.sleep(10**6)\n"))
-    active = h.build_bundle(tmp_path, name="counter", version=h.HOSTILE_VERSION, source=h.model_source())
+@pytest.mark.parametrize("channel", ["standby", "active"])
+async def test_sigterm_while_a_release_loads(kafka_bootstrap, tmp_path, good_bundle, channel):
+    """SIGTERM while a release's worker is still loading (its constructor hangs and ignores
+    SIGTERM): the daemon exits 0 and the loading worker goes with it, at once. The standby loads
+    while the active serves (a cut-short load left its process running until it noticed its parent
+    was gone); the active loads at start (the stop waited for the load, then the 27 s backstop:
+    exit 1)."""
+    loading = tmp_path / "release-is-loading"
+    hanging = h.model_source(init=textwrap.dedent(IGNORE_SIGNALS)
+                             + f"open({str(loading)!r}, 'w').close()\ntime.sleep(10**6)\n")
+    if channel == "standby":
+        active = h.build_bundle(tmp_path, name="counter", version=h.HOSTILE_VERSION, source=h.model_source())
+        standby = h.build_bundle(tmp_path, name="counter", version=h.GOOD_VERSION, source=hanging)
+    else:
+        active = h.build_bundle(tmp_path, name="counter", version=h.HOSTILE_VERSION, source=hanging)
+        standby = good_bundle
     checks = h.Checks()
-    run = await h.start(kafka_bootstrap, tmp_path, active=active, standby=standby, prefix="hr-sigterm-load")
+    run = await h.start(kafka_bootstrap, tmp_path, active=active, standby=standby, prefix=f"hr-sigterm-{channel}")
     try:
-        await h.produce(kafka_bootstrap, run.names["input"], _records()[:FIRST], run.sent)
-        await run.wait_committed(timeout=60)  # the active serves while the standby loads
-        await h.kafkatools.wait_for(lambda: run.daemon.check() and loading.exists(), timeout=30,
-                                    what="the standby's constructor to hang")
-        await checks("SIGTERM while the standby loads: exit 0, no process left", run.stop, 30.0)
-    finally:
-        if run.daemon.alive():
-            run.daemon.kill9()
-    checks.raise_if_any(run.daemon.log())
-
-
-async def test_sigterm_while_the_active_loads(kafka_bootstrap, tmp_path, good_bundle):
-    """SIGTERM while the active release's worker is still loading at start (its constructor hangs
-    and ignores SIGTERM): the daemon exits 0 and the loading worker goes with it, at once."""
-    loading = tmp_path / "active-is-loading"
-    active = h.build_bundle(tmp_path, name="counter", version=h.HOSTILE_VERSION, source=h.model_source(
-        init=textwrap.dedent(IGNORE_SIGNALS) + f"open({str(loading)!r}, 'w').close()\ntime.sleep(10**6)\n"))
-    checks = h.Checks()
-    run = await h.start(kafka_bootstrap, tmp_path, active=active, standby=good_bundle, prefix="hr-sigterm-aload")
-    try:
+        if channel == "standby":
+            await h.produce(kafka_bootstrap, run.names["input"], _records()[:FIRST], run.sent)
+            await run.wait_committed(timeout=60)  # the active serves while the standby loads
         await h.kafkatools.wait_for(lambda: run.daemon.check() and loading.exists(), timeout=60,
-                                    what="the active's constructor to hang")
-        await checks("SIGTERM while the active loads: exit 0, no process left", run.stop, 30.0)
+                                    what=f"the {channel}'s constructor to hang")
+        await checks(f"SIGTERM while the {channel} loads: exit 0, no process left", run.stop, 30.0)
     finally:
         if run.daemon.alive():
             run.daemon.kill9()
@@ -375,8 +366,8 @@ async def test_sigterm_while_the_active_loads(kafka_bootstrap, tmp_path, good_bu
 
 async def test_sigterm_while_waiting_for_kafka_exits_0_at_once(tmp_path, good_bundle):
     """No broker at the bootstrap address: the daemon retries with backoff. SIGTERM then is a clean
-    stop: exit 0 within the shutdown grace, no model process left (it used to wait out its backoff
-    and exit with the connection error)."""
+    stop: exit 0 well within the shutdown grace, no model process left (it used to exit with the
+    connection error, after the rest of its backoff)."""
     from tests.daemonproc import DaemonProc, free_port, write_config
 
     names = {r: f"nowhere-{r}" for r in ("input", "output", "dlq", "changelog", "checkpoint", "control")}

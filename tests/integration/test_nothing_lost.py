@@ -348,9 +348,10 @@ async def test_records_fetched_as_a_rebalance_begins_are_processed_once(kafka_bo
     records = h.transactions(6000, seed=41)
     stop_producing = asyncio.Event()
 
-    async def keep_producing() -> None:
-        for i in range(0, len(records), 100):
-            await h.produce(kafka_bootstrap, run.names["input"], records[i:i + 100], run.sent)
+    async def keep_producing(stream: list) -> None:
+        """A steady stream (paced, not a wait): 100 records every 0.1 s until the end or a stop."""
+        for i in range(0, len(stream), 100):
+            await h.produce(kafka_bootstrap, run.names["input"], stream[i:i + 100], run.sent)
             if stop_producing.is_set():
                 return
             await asyncio.sleep(0.1)
@@ -358,8 +359,7 @@ async def test_records_fetched_as_a_rebalance_begins_are_processed_once(kafka_bo
     try:
         await h.produce(kafka_bootstrap, run.names["input"], records[:100], run.sent)
         await run.wait_committed(timeout=60)
-        records = records[100:]
-        producing = asyncio.create_task(keep_producing())
+        producing = asyncio.create_task(keep_producing(records[100:]))
         for _ in range(5):  # a plain member takes a partition (it never commits), then leaves
             member = AIOKafkaConsumer(run.names["input"], bootstrap_servers=kafka_bootstrap, group_id=run.group,
                                       enable_auto_commit=False, session_timeout_ms=6000,

@@ -278,16 +278,21 @@ async def test_a_kept_partition_aborts_what_it_began_since_the_revoke_before_it_
     assert (p.position, p.fetched) == (10, 10) and consumer.seeks == [(TP, 10)]
 
 
-async def test_a_fetch_put_back_seeks_only_the_partitions_still_assigned():
+async def test_records_put_back_seek_only_the_partitions_still_assigned():
+    """A fetch put back, or a discarded batch's partitions, during a handover: aiokafka raises on a
+    seek of a partition no longer assigned (the assignment, taken next, closes it)."""
     other = TopicPartition("in", 1)
     consumer = FakeConsumer(assigned=(TP,))  # ``other`` was handed over by the rebalance
     _, assignment, _ = rooms(consumer)
     for tp in (TP, other):
         q = Partition(tp=tp, store=FakeStore(), producer=FakeProducer(), committed=10)
-        q.fetched = 12
+        q.fetched, q.position = 12, 11
         assignment.parts[tp] = q
     assignment.unfetch({TP: [], other: []})
-    assert consumer.seeks == [(TP, 12)]  # a seek on a partition no longer assigned would raise
+    assert consumer.seeks == [(TP, 12)]
+    for tp in (TP, other):
+        assignment.refetch_from_position(assignment.parts[tp])
+    assert consumer.seeks == [(TP, 12), (TP, 11)]
 
 
 # ---- crash-by-record isolation ------------------------------------------------------------------------

@@ -24,14 +24,6 @@ class _App:
         return fn
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 async def test_a_stop_while_the_release_loads_leaves_no_model_process(tmp_path):
     loading = tmp_path / "model-is-loading"
     bundle = h.build_bundle(tmp_path, name="counter", version=h.GOOD_VERSION, source=h.model_source(
@@ -47,7 +39,9 @@ async def test_a_stop_while_the_release_loads_leaves_no_model_process(tmp_path):
     assert pids, "the loading worker was not found"
     try:
         await scorer.stop()
-        await kafkatools.wait_for(lambda: not any(_alive(p) for p in pids), timeout=3,
+        # each worker leads a session of its own: none of it may be left (zombies aside)
+        left = lambda: [q for p in pids for q in h.session_processes(p, include_leader=True)]  # noqa: E731
+        await kafkatools.wait_for(lambda: not left(), timeout=3,
                                   what=f"the loading worker {pids} to be gone after the stop")
     finally:
         starting.cancel()
